@@ -9,14 +9,14 @@ __all__ = ['BenchMethod', 'default_methods', 'run_path', 'run_one', 'run_bench',
            'sign_flip_p', 'paired_compare', 'paired_table', 'plot_wer_vs_bits', 'plot_alpha_per_layer',
            'plot_error_through_depth', 'write_report']
 
-# %% ../nbs/10_benchmark.ipynb #d49f610e
+# %% ../nbs/10_benchmark.ipynb #214ee991
 import itertools, json, math, os, resource, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-# %% ../nbs/10_benchmark.ipynb #325d1eee
+# %% ../nbs/10_benchmark.ipynb #6d69a308
 @dataclass(frozen=True)
 class BenchMethod:
     label: str                    # row label in the tables
@@ -37,17 +37,18 @@ def default_methods(bits: int) -> list[BenchMethod]:
             BenchMethod('FADE R only', f'fade-{g}', (('fade_use_v', False),)),
             BenchMethod('oracle α (dev)', f'fade-{g}', (('method', 'oracle'),))]
 
-# %% ../nbs/10_benchmark.ipynb #a60ec362
+# %% ../nbs/10_benchmark.ipynb #ca3a9c9a
 def run_path(out_dir, m: BenchMethod, bits: int, seed: int) -> Path:
     slug = ''.join(c if c.isalnum() else '-' for c in m.label).strip('-').lower()
     return Path(out_dir)/'runs'/f'w{bits}'/f'{slug}-seed{seed if m.seeded else "na"}.json'
 
-def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, batch_size: int = 16) -> dict:
+def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, batch_size: int | None = None) -> dict:
     "Quantize with method `m` and calibration seed `seed`, evaluate on `datasets`, store and return the record."
     from fade_asr.pipeline import quantize
     from fade_asr.recipes import load_recipe
     from fade_asr.data import calibration_subset
-    from fade_asr.scoring import evaluate, atomic_write_text
+    from fade_asr.scoring import evaluate, DEFAULT_BATCH_SIZE
+    from fade_asr.data import atomic_write_text
     path = run_path(out_dir, m, bits, seed)
     if path.exists(): return json.loads(path.read_text())
     cfg = load_recipe(m.recipe, seed=seed, **dict(m.overrides))
@@ -55,17 +56,18 @@ def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, b
                seed=seed if m.seeded else None, method=cfg.method)
     model, t0 = lm.model, time.time()
     if cfg.method != 'fp':
-        model, report = quantize(lm.model, calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed), cfg, progress=False)
+        model, report = quantize(lm.model, calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed), cfg,
+                                 processor=lm.processor, progress=False)
         rec['report'] = report.to_dict()
     rec['quant_seconds'] = time.time() - t0
-    res = evaluate(model, lm.processor, datasets, batch_size=batch_size, progress=False)
+    res = evaluate(model, lm.processor, datasets, batch_size=batch_size or DEFAULT_BATCH_SIZE, progress=False)
     rec['results'] = {k: r.as_dict(per_utterance=True) for k, r in res.items()}
     rec['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     atomic_write_text(path, json.dumps(rec) + '\n')
     return rec
 
-# %% ../nbs/10_benchmark.ipynb #a96e59c8
-def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=None, limit=None, batch_size=16,
+# %% ../nbs/10_benchmark.ipynb #7b41fa80
+def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=None, limit=None, batch_size=None,
               model=None) -> list[dict]:
     "Run (or resume) the whole grid; returns every stored record."
     from tqdm.auto import tqdm
@@ -83,7 +85,7 @@ def load_runs(out_dir='bench') -> list[dict]:
     "Every stored run record under `out_dir/runs`."
     return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob('runs/w*/*.json'))]
 
-# %% ../nbs/10_benchmark.ipynb #ad459bd9
+# %% ../nbs/10_benchmark.ipynb #f4209c89
 def _errs(rec, ds):
     u = rec['results'][ds]['utterances']
     return np.array([x['errors'] for x in u], float), np.array([x['ref_words'] for x in u], float), [x['id'] for x in u]
@@ -124,7 +126,7 @@ def summary_table(runs, k_worst: int = 3) -> str:
         out.append(f"| W{bits} | {label} | {first['n_seeds']} | " + ' | '.join(cells) + ' |')
     return '\n'.join(out)
 
-# %% ../nbs/10_benchmark.ipynb #51d26c72
+# %% ../nbs/10_benchmark.ipynb #1267c091
 def sign_flip_p(d) -> float:
     "Exact two-sided sign-flip permutation p-value of mean(d) = 0 for paired differences `d`."
     d = np.asarray(d, float)
@@ -162,7 +164,7 @@ def paired_table(runs, pairs=(('GPTQ', 'FADE'), ('QEP α=0.5', 'FADE'), ('QEP of
                            f"{c['p_seeds']:.3f} | {c['boot_delta']:+.2f} [{c['boot_ci'][0]:+.2f}, {c['boot_ci'][1]:+.2f}] | {c['p_boot']:.3f} |")
     return '\n'.join(out)
 
-# %% ../nbs/10_benchmark.ipynb #c3e831c4
+# %% ../nbs/10_benchmark.ipynb #5235fb4a
 def plot_wer_vs_bits(runs, dataset: str, ax=None):
     "WER (mean ± std over seeds) against bits, one line per method."
     import matplotlib.pyplot as plt
@@ -207,12 +209,12 @@ def plot_error_through_depth(runs, bits: int, labels=('RTN', 'GPTQ', 'QEP α=0.5
     ax.legend(fontsize=7); ax.grid(alpha=.3)
     return ax
 
-# %% ../nbs/10_benchmark.ipynb #270195a5
+# %% ../nbs/10_benchmark.ipynb #82eda026
 def write_report(out_dir='bench') -> str:
     "Rebuild `results.md`, `results.json` and the PNG plots in `out_dir` from the stored runs; returns the Markdown."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from fade_asr.scoring import atomic_write_text
+    from fade_asr.data import atomic_write_text
     out, runs = Path(out_dir), load_runs(out_dir)
     if not runs: raise FileNotFoundError(f'no benchmark runs under {out}/runs; run `fade-asr bench` first')
     md = ['## WER (mean ± std over calibration seeds)', summary_table(runs), '', '## Paired comparisons', paired_table(runs)]

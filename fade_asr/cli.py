@@ -8,26 +8,26 @@ Docs: https://fade-asr.github.io/fade_asr/cli.html.md"""
 __all__ = ['evaluate_models', 'save_quantized', 'render_readme', 'cmd_eval', 'cmd_quantize', 'cmd_bench', 'cmd_recipes',
            'cmd_build_data', 'cmd_readme', 'build_parser', 'main']
 
-# %% ../nbs/11_cli.ipynb #9d0a19b4
+# %% ../nbs/11_cli.ipynb #93677805
 import argparse, json, os, sys, time
 from pathlib import Path
 
-# %% ../nbs/11_cli.ipynb #383d82f9
+# %% ../nbs/11_cli.ipynb #8124e5ec
 def _datasets(names, split='test', limit=None):
     from fade_asr.data import load_dataset, shipped_datasets
     names = names or shipped_datasets()
     return {n: load_dataset(n, split=split, limit=limit) for n in names}
 
-def evaluate_models(models: dict, datasets: dict, batch_size: int = 16, progress: bool = True) -> dict:
+def evaluate_models(models: dict, datasets: dict, batch_size: int | None = None, progress: bool = True) -> dict:
     "Evaluate `{label: (model, processor)}` on `{name: SpeechDataset}`; returns `{label: {name: EvalResult}}`."
-    from fade_asr.scoring import evaluate
-    return {label: evaluate(m, p, datasets, batch_size=batch_size, progress=progress) for label, (m, p) in models.items()}
+    from fade_asr.scoring import evaluate, DEFAULT_BATCH_SIZE
+    return {label: evaluate(m, p, datasets, batch_size=batch_size or DEFAULT_BATCH_SIZE, progress=progress) for label, (m, p) in models.items()}
 
-# %% ../nbs/11_cli.ipynb #32d7daa6
+# %% ../nbs/11_cli.ipynb #a27e4b05
 def save_quantized(model, processor, report, out_dir, table: str | None = None) -> Path:
     "Atomically save `model`+`processor` as an HF checkpoint in `out_dir`, with `report.json` and `wer.md`."
     import shutil, tempfile
-    from fade_asr.scoring import atomic_write_text
+    from fade_asr.data import atomic_write_text
     out = Path(out_dir); out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
     try:
@@ -43,7 +43,7 @@ def save_quantized(model, processor, report, out_dir, table: str | None = None) 
         shutil.rmtree(tmp, ignore_errors=True); raise
     return out
 
-# %% ../nbs/11_cli.ipynb #f04f855c
+# %% ../nbs/11_cli.ipynb #2299f12e
 def render_readme(nb_path) -> str:
     "Markdown for README.md from the home-page notebook `nb_path`."
     nb = json.loads(Path(nb_path).read_text())
@@ -64,11 +64,12 @@ def _project_root() -> Path:
         raise FileNotFoundError("`fade-asr readme` runs in a clone of the fade_asr repository (nbs/index.ipynb not found)")
     return root
 
-# %% ../nbs/11_cli.ipynb #1ad50bd7
+# %% ../nbs/11_cli.ipynb #f0d93780
 def cmd_eval(a):
     "FP (or a recipe's quantized) WER of a model on the test split of each data set."
     from fade_asr.models import load_model
-    from fade_asr.scoring import results_table, results_json, atomic_write_text
+    from fade_asr.scoring import results_table, results_json
+    from fade_asr.data import atomic_write_text
     lm = load_model(a.model)
     ds = _datasets(a.data, limit=a.limit)
     models = {'FP': (lm.model, lm.processor)}
@@ -77,26 +78,27 @@ def cmd_eval(a):
         from fade_asr.recipes import load_recipe
         from fade_asr.data import calibration_subset
         cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib)
-        qm, _ = quantize(lm.model, calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed), cfg)
+        qm, _ = quantize(lm.model, calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed), cfg, processor=lm.processor)
         models = {a.recipe: (qm, lm.processor)}
     res = evaluate_models(models, ds, batch_size=a.batch_size)
     print(results_table(res))
     if a.json: atomic_write_text(a.json, results_json(res)); print(f'wrote {a.json}')
     return res
 
-# %% ../nbs/11_cli.ipynb #5793db91
+# %% ../nbs/11_cli.ipynb #769ae87e
 def cmd_quantize(a):
     "Quantize a model with a recipe, print WER against FP on each test set, save model, report and table."
     from fade_asr.models import load_model
     from fade_asr.pipeline import quantize
     from fade_asr.recipes import load_recipe
     from fade_asr.data import calibration_subset
-    from fade_asr.scoring import results_table, results_json, atomic_write_text
+    from fade_asr.scoring import results_table, results_json
+    from fade_asr.data import atomic_write_text
     cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib)
     lm = load_model(a.model)
     calib = calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed)
     t0 = time.time()
-    qm, report = quantize(lm.model, calib, cfg)
+    qm, report = quantize(lm.model, calib, cfg, processor=lm.processor)
     print(f'quantized with {a.recipe} (seed {cfg.seed}, {len(calib)} calibration utterances) in {time.time()-t0:.1f} s')
     ds = _datasets(a.data, limit=a.limit)
     res = evaluate_models({'FP': (lm.model, lm.processor), a.recipe: (qm, lm.processor)}, ds, batch_size=a.batch_size)
@@ -108,7 +110,7 @@ def cmd_quantize(a):
     print(f'saved the quantized model, report.json and wer.md to {out}/')
     return res
 
-# %% ../nbs/11_cli.ipynb #e4a57e8f
+# %% ../nbs/11_cli.ipynb #fa29c208
 def cmd_bench(a):
     "Run (or resume) the benchmark grid, then rebuild its tables and plots."
     from fade_asr.bench import run_bench, write_report
@@ -135,10 +137,10 @@ def cmd_readme(a):
         if not cur.exists() or cur.read_text() != txt: sys.exit('README.md is out of step with nbs/index.ipynb: run `fade-asr readme`')
         print('README.md is up to date')
     else:
-        from fade_asr.scoring import atomic_write_text
+        from fade_asr.data import atomic_write_text
         atomic_write_text(cur, txt); print(f'wrote {cur}')
 
-# %% ../nbs/11_cli.ipynb #fe766a6b
+# %% ../nbs/11_cli.ipynb #bd25baa5
 def build_parser() -> argparse.ArgumentParser:
     "The `fade-asr` argument parser."
     p = argparse.ArgumentParser(prog='fade-asr', description='Low-bit quantization of speech recognisers (RTN, GPTQ, QEP, FADE).')
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument('--limit', type=int, default=None, help='at most this many test utterances per data set')
         s.add_argument('--seed', type=int, default=None, help='calibration seed (default: the recipe\'s)')
         s.add_argument('--n-calib', type=int, default=None, help='calibration utterances (default: the recipe\'s)')
-        s.add_argument('--batch-size', type=int, default=16)
+        s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
     s = sub.add_parser('quantize', help='quantize and report WER against FP (the main job)'); common(s, 'fade-w3g128')
     s.add_argument('--out', default=None, help='output dir (default: fade-asr-out/RECIPE-seedN)'); s.set_defaults(fn=cmd_quantize)
     s = sub.add_parser('eval', help='WER of a model on the shipped test sets'); common(s, 'fp')
@@ -159,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser('bench', help='benchmark every method over calibration seeds (resumable)')
     s.add_argument('--model', default=None); s.add_argument('--data', nargs='*', default=None)
     s.add_argument('--bits', type=int, nargs='+', default=[3, 4]); s.add_argument('--seeds', type=int, default=5)
-    s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=16)
+    s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
     s.add_argument('--out', default='bench', help='runs and results go here (default: bench/)')
     s.add_argument('--report-only', action='store_true', help='only rebuild tables and plots from stored runs')
     s.set_defaults(fn=cmd_bench)
@@ -170,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_readme)
     return p
 
-# %% ../nbs/11_cli.ipynb #f4229599
+# %% ../nbs/11_cli.ipynb #4324ff61
 def main(argv=None):
     "Entry point of the `fade-asr` command; with no subcommand it runs the main job, `quantize`."
     argv = sys.argv[1:] if argv is None else argv
@@ -178,6 +180,6 @@ def main(argv=None):
     if not argv or argv[0].startswith('-') and argv[0] not in ('-h', '--help'): argv = ['quantize', *argv]
     a = p.parse_args(argv)
     try: return a.fn(a)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:     # the package's errors name the problem and the fix
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f'fade-asr {a.cmd}: error: {msg}')

@@ -7,15 +7,16 @@ Docs: https://fade-asr.github.io/fade_asr/recipes.html.md"""
 # %% auto #0
 __all__ = ['recipes_path', 'read_recipes', 'list_recipes', 'load_recipe']
 
-# %% ../nbs/09_recipes.ipynb #9d073bbe
+# %% ../nbs/09_recipes.ipynb #1e2ca557
 import configparser, dataclasses, os, sys, typing
 from pathlib import Path
 
-# %% ../nbs/09_recipes.ipynb #57b8788e
+# %% ../nbs/09_recipes.ipynb #aa8fc91f
 def recipes_path(path=None) -> Path:
     "The recipes INI file: `path`, else `$FADE_ASR_RECIPES`, else the project's `settings.ini`, else the installed copy."
+    import fade_asr
     cands = [path, os.environ.get('FADE_ASR_RECIPES')] if path or os.environ.get('FADE_ASR_RECIPES') else [
-        Path(__file__).resolve().parents[1]/'settings.ini', Path(sys.prefix)/'share'/'fade_asr'/'settings.ini']
+        Path(fade_asr.__file__).resolve().parents[1]/'settings.ini', Path(sys.prefix)/'share'/'fade_asr'/'settings.ini']
     for c in cands:
         if c is None: continue
         p = Path(c)
@@ -25,7 +26,7 @@ def recipes_path(path=None) -> Path:
     raise FileNotFoundError("no recipes file found (looked for the project's settings.ini and "
                             f"{Path(sys.prefix)/'share/fade_asr/settings.ini'}); reinstall fade_asr or pass --recipes FILE")
 
-# %% ../nbs/09_recipes.ipynb #57de98bb
+# %% ../nbs/09_recipes.ipynb #d0dda9a9
 def read_recipes(path=None) -> configparser.ConfigParser:
     "Parse the recipes file; a syntax error names the file and line."
     p = recipes_path(path)
@@ -38,7 +39,7 @@ def list_recipes(path=None) -> list[str]:
     "Names of the recipes defined in the recipes file."
     return read_recipes(path).sections()
 
-# %% ../nbs/09_recipes.ipynb #7a30823e
+# %% ../nbs/09_recipes.ipynb #6bf4cb83
 def _fields(cls) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
@@ -62,7 +63,7 @@ def _convert(val: str, typ, key: str, name: str):
     else: return val
     raise ValueError(f"recipe [{name}]: {key} = {val!r} is not a valid {getattr(typ, '__name__', typ)}; fix it in the recipes file")
 
-# %% ../nbs/09_recipes.ipynb #53341f66
+# %% ../nbs/09_recipes.ipynb #61c66e7e
 def load_recipe(name: str, path=None, **overrides):
     "The `QuantConfig` for recipe `name` (plus keyword `overrides`, e.g. `seed=3`)."
     from fade_asr.pipeline import QuantConfig

@@ -1,0 +1,62 @@
+"""The `fade-asr` command end to end, and the errors a newcomer meets."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+from fade_asr.cli import main, render_readme
+from fade_asr.recipes import load_recipe, list_recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, 'FADE_ASR_QUIET': '1'}
+    return subprocess.run([sys.executable, '-c', 'from fade_asr.cli import main; main()', *args],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=1200)
+
+
+def test_readme_is_the_home_page():
+    assert (ROOT / 'README.md').read_text() == render_readme(ROOT / 'nbs' / 'index.ipynb'), \
+        'README.md is out of step with nbs/index.ipynb: run `fade-asr readme`'
+
+
+def test_every_shipped_recipe_loads():
+    names = list_recipes()
+    assert {'fp', 'rtn-w4g128', 'gptq-w4g128', 'qep-w3g128', 'fade-w3g128'} <= set(names)
+    for n in names: load_recipe(n)
+
+
+@pytest.mark.parametrize('args,msg', [
+    (['eval', '--model', '/no/such/model', '--limit', '1'], 'does not exist'),
+    (['quantize', '--recipe', 'no-such-recipe'], 'unknown recipe'),
+    (['eval', '--data', 'no-such-set', '--limit', '1'], 'no-such-set'),
+])
+def test_clear_errors(args, msg):
+    r = run_cli(*args)
+    assert r.returncode != 0
+    assert msg in r.stderr, r.stderr[-2000:]
+    assert 'Traceback' not in r.stderr, 'a user error must not end in a traceback'
+
+
+def test_eval_model_dir_that_is_a_text_file(tmp_path):
+    f = tmp_path / 'notes.txt'; f.write_text('hello')
+    r = run_cli('eval', '--model', str(f), '--limit', '1')
+    assert r.returncode != 0 and 'Traceback' not in r.stderr and 'notes.txt' in r.stderr
+
+
+def test_quantize_end_to_end_small(tmp_path):
+    "RTN W4 on a few utterances: prints the table, saves an HF checkpoint that `eval --model` loads back."
+    out = tmp_path / 'q'
+    r = run_cli('quantize', '--recipe', 'rtn-w4g128', '--n-calib', '8', '--data', 'asterisk', '--limit', '3', '--out', str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '| FP |' in r.stdout and '| rtn-w4g128 |' in r.stdout
+    for f in ('model.safetensors', 'config.json', 'report.json', 'wer.md', 'wer.json'): assert (out / f).exists(), f
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')], 'no temporary directories left behind'
+    rep = json.loads((out / 'report.json').read_text())
+    assert rep['method'] == 'rtn' and len(rep['layers']) > 0
+    r2 = run_cli('eval', '--model', str(out), '--data', 'asterisk', '--limit', '3', '--json', str(tmp_path / 'e.json'))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    q = json.loads((out / 'wer.json').read_text())['results']['rtn-w4g128']['asterisk']['wer']
+    e = json.loads((tmp_path / 'e.json').read_text())['results']['FP']['asterisk']['wer']
+    assert q == e, 'the saved quantized model must reproduce the WER it was reported with'
