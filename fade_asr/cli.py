@@ -8,11 +8,11 @@ Docs: https://fade-asr.github.io/fade_asr/cli.html.md"""
 __all__ = ['evaluate_models', 'save_quantized', 'render_readme', 'cmd_eval', 'cmd_quantize', 'cmd_bench', 'cmd_recipes',
            'cmd_build_data', 'cmd_readme', 'build_parser', 'main']
 
-# %% ../nbs/11_cli.ipynb #93677805
+# %% ../nbs/11_cli.ipynb #60f30519
 import argparse, json, os, sys, time
 from pathlib import Path
 
-# %% ../nbs/11_cli.ipynb #8124e5ec
+# %% ../nbs/11_cli.ipynb #2c625405
 def _datasets(names, split='test', limit=None):
     from fade_asr.data import load_dataset, shipped_datasets
     names = names or shipped_datasets()
@@ -23,7 +23,7 @@ def evaluate_models(models: dict, datasets: dict, batch_size: int | None = None,
     from fade_asr.scoring import evaluate, DEFAULT_BATCH_SIZE
     return {label: evaluate(m, p, datasets, batch_size=batch_size or DEFAULT_BATCH_SIZE, progress=progress) for label, (m, p) in models.items()}
 
-# %% ../nbs/11_cli.ipynb #a27e4b05
+# %% ../nbs/11_cli.ipynb #d63b2f10
 def save_quantized(model, processor, report, out_dir, table: str | None = None) -> Path:
     "Atomically save `model`+`processor` as an HF checkpoint in `out_dir`, with `report.json` and `wer.md`."
     import shutil, tempfile
@@ -43,7 +43,7 @@ def save_quantized(model, processor, report, out_dir, table: str | None = None) 
         shutil.rmtree(tmp, ignore_errors=True); raise
     return out
 
-# %% ../nbs/11_cli.ipynb #2299f12e
+# %% ../nbs/11_cli.ipynb #1aae3639
 def render_readme(nb_path) -> str:
     "Markdown for README.md from the home-page notebook `nb_path`."
     nb = json.loads(Path(nb_path).read_text())
@@ -64,7 +64,7 @@ def _project_root() -> Path:
         raise FileNotFoundError("`fade-asr readme` runs in a clone of the fade_asr repository (nbs/index.ipynb not found)")
     return root
 
-# %% ../nbs/11_cli.ipynb #f0d93780
+# %% ../nbs/11_cli.ipynb #c446819a
 def cmd_eval(a):
     "FP (or a recipe's quantized) WER of a model on the test split of each data set."
     from fade_asr.models import load_model
@@ -85,7 +85,7 @@ def cmd_eval(a):
     if a.json: atomic_write_text(a.json, results_json(res)); print(f'wrote {a.json}')
     return res
 
-# %% ../nbs/11_cli.ipynb #769ae87e
+# %% ../nbs/11_cli.ipynb #c9f0c0d4
 def cmd_quantize(a):
     "Quantize a model with a recipe, print WER against FP on each test set, save model, report and table."
     from fade_asr.models import load_model
@@ -110,12 +110,13 @@ def cmd_quantize(a):
     print(f'saved the quantized model, report.json and wer.md to {out}/')
     return res
 
-# %% ../nbs/11_cli.ipynb #fa29c208
+# %% ../nbs/11_cli.ipynb #3e8561b5
 def cmd_bench(a):
     "Run (or resume) the benchmark grid, then rebuild its tables and plots."
     from fade_asr.bench import run_bench, write_report
     if not a.report_only:
-        run_bench(a.out, bits=a.bits, seeds=range(a.seeds), data=a.data, limit=a.limit, batch_size=a.batch_size, model=a.model)
+        run_bench(a.out, bits=a.bits, seeds=range(a.seeds), methods=a.methods, data=a.data, limit=a.limit,
+                  batch_size=a.batch_size, model=a.model)
     print(write_report(a.out))
 
 def cmd_recipes(a):
@@ -140,7 +141,7 @@ def cmd_readme(a):
         from fade_asr.data import atomic_write_text
         atomic_write_text(cur, txt); print(f'wrote {cur}')
 
-# %% ../nbs/11_cli.ipynb #bd25baa5
+# %% ../nbs/11_cli.ipynb #d3370a2e
 def build_parser() -> argparse.ArgumentParser:
     "The `fade-asr` argument parser."
     p = argparse.ArgumentParser(prog='fade-asr', description='Low-bit quantization of speech recognisers (RTN, GPTQ, QEP, FADE).')
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--model', default=None); s.add_argument('--data', nargs='*', default=None)
     s.add_argument('--bits', type=int, nargs='+', default=[3, 4]); s.add_argument('--seeds', type=int, default=5)
     s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
+    s.add_argument('--methods', nargs='+', default=None, help='method labels to run (default: all; see bench.default_methods)')
     s.add_argument('--out', default='bench', help='runs and results go here (default: bench/)')
     s.add_argument('--report-only', action='store_true', help='only rebuild tables and plots from stored runs')
     s.set_defaults(fn=cmd_bench)
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_readme)
     return p
 
-# %% ../nbs/11_cli.ipynb #4324ff61
+# %% ../nbs/11_cli.ipynb #fe30e5f2
 def main(argv=None):
     "Entry point of the `fade-asr` command; with no subcommand it runs the main job, `quantize`."
     argv = sys.argv[1:] if argv is None else argv
