@@ -9,14 +9,14 @@ __all__ = ['BenchMethod', 'default_methods', 'run_path', 'run_one', 'run_bench',
            'sign_flip_p', 'paired_compare', 'paired_table', 'plot_wer_vs_bits', 'plot_alpha_per_layer',
            'plot_error_through_depth', 'write_report']
 
-# %% ../nbs/10_benchmark.ipynb #5d1ab388
+# %% ../nbs/10_benchmark.ipynb #81854782
 import itertools, json, math, os, resource, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-# %% ../nbs/10_benchmark.ipynb #d961d896
+# %% ../nbs/10_benchmark.ipynb #b875170c
 @dataclass(frozen=True)
 class BenchMethod:
     label: str                    # row label in the tables
@@ -37,7 +37,7 @@ def default_methods(bits: int) -> list[BenchMethod]:
             BenchMethod('FADE R only', f'fade-{g}', (('fade_use_v', False),)),
             BenchMethod('oracle α (dev)', f'fade-{g}', (('method', 'oracle'),))]
 
-# %% ../nbs/10_benchmark.ipynb #f1784d48
+# %% ../nbs/10_benchmark.ipynb #0fd07cc4
 def run_path(out_dir, m: BenchMethod, bits: int, seed: int) -> Path:
     slug = ''.join(c if c.isalnum() else '-' for c in m.label).strip('-').lower()
     return Path(out_dir)/'runs'/f'w{bits}'/f'{slug}-seed{seed if m.seeded else "na"}.json'
@@ -66,7 +66,7 @@ def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, b
     atomic_write_text(path, json.dumps(rec) + '\n')
     return rec
 
-# %% ../nbs/10_benchmark.ipynb #58116774
+# %% ../nbs/10_benchmark.ipynb #1f1b39f3
 def _select(ms: list[BenchMethod], labels) -> list[BenchMethod]:
     "The methods of `ms` whose labels are in `labels` (all when `labels` is None), with a clear error for unknown labels."
     if labels is None: return ms
@@ -94,7 +94,7 @@ def load_runs(out_dir='bench') -> list[dict]:
     "Every stored run record under `out_dir/runs`."
     return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob('runs/w*/*.json'))]
 
-# %% ../nbs/10_benchmark.ipynb #eea0825e
+# %% ../nbs/10_benchmark.ipynb #e558db51
 def _errs(rec, ds):
     u = rec['results'][ds]['utterances']
     return np.array([x['errors'] for x in u], float), np.array([x['ref_words'] for x in u], float), [x['id'] for x in u]
@@ -135,7 +135,7 @@ def summary_table(runs, k_worst: int = 3) -> str:
         out.append(f"| W{bits} | {label} | {first['n_seeds']} | " + ' | '.join(cells) + ' |')
     return '\n'.join(out)
 
-# %% ../nbs/10_benchmark.ipynb #efb9c4df
+# %% ../nbs/10_benchmark.ipynb #1145990b
 def sign_flip_p(d) -> float:
     "Exact two-sided sign-flip permutation p-value of mean(d) = 0 for paired differences `d`."
     d = np.asarray(d, float)
@@ -173,7 +173,7 @@ def paired_table(runs, pairs=(('GPTQ', 'FADE'), ('QEP α=0.5', 'FADE'), ('QEP of
                            f"{c['p_seeds']:.3f} | {c['boot_delta']:+.2f} [{c['boot_ci'][0]:+.2f}, {c['boot_ci'][1]:+.2f}] | {c['p_boot']:.3f} |")
     return '\n'.join(out)
 
-# %% ../nbs/10_benchmark.ipynb #7b9123c6
+# %% ../nbs/10_benchmark.ipynb #8e6e9056
 def plot_wer_vs_bits(runs, dataset: str, ax=None):
     "WER (mean ± std over seeds) against bits, one line per method."
     import matplotlib.pyplot as plt
@@ -218,7 +218,7 @@ def plot_error_through_depth(runs, bits: int, labels=('RTN', 'GPTQ', 'QEP α=0.5
     ax.legend(fontsize=7); ax.grid(alpha=.3)
     return ax
 
-# %% ../nbs/10_benchmark.ipynb #79e43940
+# %% ../nbs/10_benchmark.ipynb #ab0fbcf4
 def write_report(out_dir='bench') -> str:
     "Rebuild `results.md`, `results.json` and the PNG plots in `out_dir` from the stored runs; returns the Markdown."
     import matplotlib; matplotlib.use('Agg')

@@ -181,7 +181,7 @@ def main(argv=None):
     p = build_parser()
     if not argv or argv[0].startswith('-') and argv[0] not in ('-h', '--help'): argv = ['quantize', *argv]
     a = p.parse_args(argv)
-    try: return a.fn(a)
+    try: a.fn(a)          # the commands return their results for Python callers; the shell gets exit status 0
     except (ValueError, OSError, KeyError) as e:     # the package's errors name the problem and the fix
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f'fade-asr {a.cmd}: error: {msg}')

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args, cwd=None):
     env = {**os.environ, 'FADE_ASR_QUIET': '1'}
-    return subprocess.run([sys.executable, '-c', 'from fade_asr.cli import main; main()', *args],
+    return subprocess.run([sys.executable, '-c', 'import sys; from fade_asr.cli import main; sys.exit(main())', *args],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=1200)
 
 
@@ -43,6 +43,13 @@ def test_eval_model_dir_that_is_a_text_file(tmp_path):
     f = tmp_path / 'notes.txt'; f.write_text('hello')
     r = run_cli('eval', '--model', str(f), '--limit', '1')
     assert r.returncode != 0 and 'Traceback' not in r.stderr and 'notes.txt' in r.stderr
+
+
+def test_console_script_exits_zero_on_success():
+    r = subprocess.run([sys.executable, '-c', 'import sys; from fade_asr.cli import main; sys.exit(main())', 'recipes'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'fade-w3g128' in r.stdout
 
 
 def test_quantize_end_to_end_small(tmp_path):

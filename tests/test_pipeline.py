@@ -165,6 +165,105 @@ def test_fade_alphas_and_diagnostics(tiny, calib):
     assert all(0.0 <= r.alpha <= 0.9 for r in rn.layers)
 
 
+# ---------------------------------------------------------------- the oracle ablation (per-layer alpha on dev data)
+
+@pytest.fixture(scope='module')
+def dev_utts():
+    rng = np.random.default_rng(7)
+    return [Utt(100 + i, s, rng) for i, s in enumerate([4.0, 5.0, 3.0, 4.5])]
+
+
+ORACLE_PROBE = ('model.encoder.layers.1.fc1', 'model.decoder.layers.1.self_attn.out_proj')
+
+
+@pytest.fixture(scope='module')
+def oracle_run(tiny, calib, dev_utts):
+    "One oracle run; a callback keeps, for the probed layers, every (x_fp, x_q, half) it was fed, in order."
+    seen = {n: [] for n in ORACLE_PROBE}
+    halves = []
+    def cb(name, x_fp, x_q, win, qmodel):
+        halves.append(win.half)
+        if name in seen: seen[name].append((x_fp.clone(), x_q.clone(), win.half))
+    qm, rep = quantize(tiny, calib, QuantConfig.make(method='oracle', **G32), dev=dev_utts, progress=False, callback=cb)
+    return dict(qm=qm, rep=rep, seen=seen, halves=halves)
+
+
+def test_oracle_alpha_minimises_dev_error(tiny, oracle_run):
+    "Recompute, from the inputs the hooks saw, Q_alpha on the calibration moments and the dev error for every alpha."
+    from fade_asr.qep import LayerStats, qep_correction
+    from fade_asr.gptq import gptq
+    rep, cfg = oracle_run['rep'], QuantConfig.make(method='oracle', **G32)
+    assert {'A', 'B', 'dev'} <= set(oracle_run['halves'])
+    assert rep.n_dev_utterances == 4 and rep.n_dev_windows >= 1
+    assert all(r.alpha in cfg.oracle_grid and len(r.oracle_curve) == len(cfg.oracle_grid) for r in rep.layers)
+    assert len({r.alpha for r in rep.layers}) > 1                       # per layer, not one global value
+    for name in ORACLE_PROBE:
+        rec, W = rep[name], tiny.get_submodule(name).weight.detach().float()
+        st = LayerStats(W.shape[1])
+        for xf, xq, h in oracle_run['seen'][name]:
+            if h != 'dev': st.update(xf, xq, half=0 if h == 'A' else 1)
+        mom = st.merged()
+        Xd = torch.cat([xf for xf, _, h in oracle_run['seen'][name] if h == 'dev']).double()
+        Xq = torch.cat([xq for _, xq, h in oracle_run['seen'][name] if h == 'dev']).double()
+        assert not torch.equal(Xd, Xq)                                   # upstream error reaches the probed layer
+        direct = []
+        for a in cfg.oracle_grid:
+            Q = gptq(qep_correction(W, mom.H, mom.C, a, damp=cfg.qep_damp), mom.H, cfg.spec, percdamp=cfg.percdamp).weight
+            direct.append(float((Xd @ W.double().T - Xq @ Q.double().T).pow(2).sum()))
+        ref = float((Xd @ W.double().T).pow(2).sum())
+        assert rec.oracle_curve == pytest.approx([math.sqrt(d / ref) for d in direct], rel=1e-4)
+        chosen = direct[cfg.oracle_grid.index(rec.alpha)]
+        assert all(chosen <= d * (1 + 1e-6) for d in direct), (name, rec.alpha, direct)
+        assert chosen <= direct[cfg.oracle_grid.index(0.45)] * (1 + 1e-6)
+        assert max(direct) > min(direct) * (1 + 1e-4), "alpha should matter on this layer for the test to mean anything"
+
+
+def test_oracle_model_is_qep_with_its_alphas(tiny, calib, oracle_run, tmp_path):
+    "The dev windows only choose alpha: QEP with the oracle's per-layer alphas fixed gives the same model."
+    rep = oracle_run['rep']
+    qx, rx = quantize(tiny, calib, QuantConfig.make(method='qep', alpha_override={r.name: r.alpha for r in rep.layers}, **G32),
+                      progress=False)
+    a, b = qx.state_dict(), oracle_run['qm'].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r.loss for r in rx.layers] == [r.loss for r in rep.layers]
+    back = QuantReport.from_json(rep.to_json(tmp_path / 'oracle.json'))
+    assert [x for r in back.layers for x in r.oracle_curve] == pytest.approx([x for r in rep.layers for x in r.oracle_curve])
+    assert [r.alpha for r in back.layers] == [r.alpha for r in rep.layers] and back.n_dev_windows == rep.n_dev_windows
+
+
+def test_oracle_dev_data_does_not_change_calibration_statistics(tiny, calib, dev_utts):
+    "With alpha fixed everywhere, an oracle run (dev windows flowing through) equals a QEP run: same H, same losses."
+    names = get_adapter(tiny).linear_names()
+    n_dev = []
+    _, ro = quantize(tiny, calib, QuantConfig.make(method='oracle', alpha_override={n: 0.3 for n in names}, **G32),
+                     dev=dev_utts, progress=False, callback=lambda n, xf, xq, w, q: n_dev.append(w.half == 'dev'))
+    _, rq = quantize(tiny, calib, QuantConfig.make(method='qep', alpha=0.3, **G32), progress=False)
+    assert sum(n_dev) > 0                                                # the dev windows did flow through the pass
+    assert [r.loss for r in ro.layers] == [r.loss for r in rq.layers]
+    assert [(r.n_tokens, r.r_calib, r.rel_err) for r in ro.layers] == [(r.n_tokens, r.r_calib, r.rel_err) for r in rq.layers]
+    assert ro.blocks == rq.blocks
+    assert all(r.alpha == 0.3 and r.oracle_curve == [] for r in ro.layers)
+
+
+def test_oracle_never_reads_test_data(monkeypatch, tiny, calib, dev_utts):
+    import fade_asr.data as D
+    calls = []
+    def fake_load(name, split='test', limit=None):
+        calls.append((name, split))
+        if split == 'test': raise AssertionError("the oracle read the test split")
+        return D.SpeechDataset(dev_utts[:2], name=name, split=split)
+    monkeypatch.setattr(D, 'load_dataset', fake_load)
+    _, rep = quantize(tiny, calib, QuantConfig.make(method='oracle', **G32), progress=False)
+    assert calls == [('asterisk', 'dev')] and rep.n_dev_utterances == 2
+    with pytest.raises(ValueError, match='test data'):
+        QuantConfig(method='oracle', oracle_dev='test')
+    with pytest.raises(ValueError, match='dev set is empty'):
+        quantize(tiny, calib, QuantConfig.make(method='oracle', **G32), dev=[], progress=False)
+    calls.clear()
+    quantize(tiny, calib, QuantConfig.make(method='qep', **G32), progress=False)   # other methods load no dev data
+    assert calls == []
+
+
 # ---------------------------------------------------------------- fault injection
 
 def test_dead_inputs_are_handled(calib):
