@@ -106,7 +106,9 @@ def summary_rows(runs, k_worst: int = 3, baseline: str = 'GPTQ') -> list[dict]:
     "One row per (bits, method, data set): mean/std WER over seeds, WER without the k worst utterances."
     rows = []
     for bits in sorted({r['bits'] for r in runs}):
-        labels = list(dict.fromkeys(r['label'] for r in runs if r['bits'] == bits))
+        order = [m.label for m in default_methods(bits)]     # the methods' own order, then any others
+        labels = sorted(dict.fromkeys(r['label'] for r in runs if r['bits'] == bits),
+                        key=lambda l: order.index(l) if l in order else len(order))
         for label in labels:
             rs = _by(runs, label, bits)
             for ds in rs[0]['results']:
@@ -114,11 +116,12 @@ def summary_rows(runs, k_worst: int = 3, baseline: str = 'GPTQ') -> list[dict]:
                 ex = []
                 for r in rs:
                     e, n, _ = _errs(r, ds)
-                    base = [b for b in _by(runs, baseline, bits) if b['seed'] == r['seed']] or [r]
+                    gb = _by(runs, baseline, bits)    # same seed; data-free methods (seed None) use the first one
+                    base = [b for b in gb if b['seed'] == r['seed']] or gb[:1] or [r]
                     ex.append(100 * float(np.delete(e, np.argsort(-_errs(base[0], ds)[0], kind='stable')[:k_worst]).sum()
                                           / np.delete(n, np.argsort(-_errs(base[0], ds)[0], kind='stable')[:k_worst]).sum()))
                 rows.append(dict(bits=bits, label=label, dataset=ds, n_seeds=len(rs), mean=float(w.mean()),
-                                 std=float(w.std(ddof=1)) if len(w) > 1 else 0.0, excl_worst=float(np.mean(ex)),
+                                 std=float(w.std(ddof=1)) if len(w) > 1 else float('nan'), excl_worst=float(np.mean(ex)),
                                  quant_seconds=float(np.mean([r['quant_seconds'] for r in rs]))))
     return rows
 
@@ -131,7 +134,8 @@ def summary_table(runs, k_worst: int = 3) -> str:
     for (bits, label), grp in itertools.groupby(rows, key=lambda r: (r['bits'], r['label'])):
         grp = {r['dataset']: r for r in grp}
         first = next(iter(grp.values()))
-        cells = [f"{grp[d]['mean']:.2f} ± {grp[d]['std']:.2f} | {grp[d]['excl_worst']:.2f}" if d in grp else '– | –' for d in dss]
+        pm = lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if r['n_seeds'] > 1 else f"{r['mean']:.2f}"   # one seed: no std
+        cells = [f"{pm(grp[d])} | {grp[d]['excl_worst']:.2f}" if d in grp else '– | –' for d in dss]
         out.append(f"| W{bits} | {label} | {first['n_seeds']} | " + ' | '.join(cells) + ' |')
     return '\n'.join(out)
 
@@ -181,7 +185,7 @@ def plot_wer_vs_bits(runs, dataset: str, ax=None):
     rows = [r for r in summary_rows(runs) if r['dataset'] == dataset]
     for label in dict.fromkeys(r['label'] for r in rows):
         rr = sorted((r for r in rows if r['label'] == label), key=lambda r: r['bits'])
-        ax.errorbar([r['bits'] for r in rr], [r['mean'] for r in rr], yerr=[r['std'] for r in rr], marker='o', capsize=3, label=label)
+        ax.errorbar([r['bits'] for r in rr], [r['mean'] for r in rr], yerr=np.nan_to_num([r['std'] for r in rr]), marker='o', capsize=3, label=label)
     ax.set(xlabel='weight bits (group 128)', ylabel='WER %', title=f'WER vs bits — {dataset}', xticks=sorted({r['bits'] for r in rows}))
     ax.legend(fontsize=7); ax.grid(alpha=.3)
     return ax
