@@ -38,22 +38,25 @@ def default_methods(bits: int) -> list[BenchMethod]:
             BenchMethod('oracle α (dev)', f'fade-{g}', (('method', 'oracle'),))]
 
 # %% ../nbs/10_benchmark.ipynb #0fd07cc4
-def run_path(out_dir, m: BenchMethod, bits: int, seed: int) -> Path:
+def run_path(out_dir, m: BenchMethod, bits: int, seed: int, limit: int | None = None) -> Path:
+    "Where a run is stored; a run on a `limit`ed test set goes to its own folder, never mixed with full runs."
     slug = ''.join(c if c.isalnum() else '-' for c in m.label).strip('-').lower()
-    return Path(out_dir)/'runs'/f'w{bits}'/f'{slug}-seed{seed if m.seeded else "na"}.json'
+    runs = 'runs' if limit is None else f'runs-limit{limit}'
+    return Path(out_dir)/runs/f'w{bits}'/f'{slug}-seed{seed if m.seeded else "na"}.json'
 
-def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, batch_size: int | None = None) -> dict:
+def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, batch_size: int | None = None,
+            limit: int | None = None) -> dict:
     "Quantize with method `m` and calibration seed `seed`, evaluate on `datasets`, store and return the record."
     from fade_asr.pipeline import quantize
     from fade_asr.recipes import load_recipe
     from fade_asr.data import calibration_subset
     from fade_asr.scoring import evaluate, DEFAULT_BATCH_SIZE
     from fade_asr.data import atomic_write_text
-    path = run_path(out_dir, m, bits, seed)
+    path = run_path(out_dir, m, bits, seed, limit)
     if path.exists(): return json.loads(path.read_text())
     cfg = load_recipe(m.recipe, seed=seed, **dict(m.overrides))
     rec = dict(label=m.label, recipe=m.recipe, overrides=dict(m.overrides), bits=bits,
-               seed=seed if m.seeded else None, method=cfg.method)
+               seed=seed if m.seeded else None, method=cfg.method, limit=limit)
     model, t0 = lm.model, time.time()
     if cfg.method != 'fp':
         model, report = quantize(lm.model, calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed), cfg,
@@ -87,7 +90,7 @@ def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=N
     todo = [(m, b, s) for b in bits for s in seeds for m in _select(default_methods(b), methods) if m.seeded or s == min(seeds)]
     recs = []
     for m, b, s in tqdm(todo, desc='benchmark runs', disable=bool(os.environ.get('FADE_ASR_QUIET'))):
-        recs.append(run_one(lm, m, b, s, datasets, out_dir, batch_size))
+        recs.append(run_one(lm, m, b, s, datasets, out_dir, batch_size, limit))
     return recs
 
 def load_runs(out_dir='bench') -> list[dict]:

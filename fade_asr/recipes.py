@@ -15,14 +15,12 @@ from pathlib import Path
 def recipes_path(path=None) -> Path:
     "The recipes INI file: `path`, else `$FADE_ASR_RECIPES`, else the project's `settings.ini`, else the installed copy."
     import fade_asr
-    cands = [path, os.environ.get('FADE_ASR_RECIPES')] if path or os.environ.get('FADE_ASR_RECIPES') else [
-        Path(fade_asr.__file__).resolve().parents[1]/'settings.ini', Path(sys.prefix)/'share'/'fade_asr'/'settings.ini']
-    for c in cands:
-        if c is None: continue
-        p = Path(c)
+    explicit = path or os.environ.get('FADE_ASR_RECIPES')
+    if explicit:
+        if Path(explicit).is_file(): return Path(explicit)
+        raise FileNotFoundError(f"recipes file {explicit} does not exist; pass an existing INI file or unset FADE_ASR_RECIPES")
+    for p in (Path(fade_asr.__file__).resolve().parents[1]/'settings.ini', Path(sys.prefix)/'share'/'fade_asr'/'settings.ini'):
         if p.is_file(): return p
-        if path or os.environ.get('FADE_ASR_RECIPES'):
-            raise FileNotFoundError(f"recipes file {p} does not exist; pass an existing INI file or unset FADE_ASR_RECIPES")
     raise FileNotFoundError("no recipes file found (looked for the project's settings.ini and "
                             f"{Path(sys.prefix)/'share/fade_asr/settings.ini'}); reinstall fade_asr or pass --recipes FILE")
 
