@@ -111,12 +111,20 @@ def cmd_quantize(a):
     return res
 
 # %% ../nbs/11_cli.ipynb #3e8561b5
+def _shard(text: str) -> tuple[int, int]:
+    "Parse `--shard i/n` (this process runs every n-th run of the grid, starting at the i-th)."
+    try: i, n = (int(x) for x in text.split('/'))
+    except ValueError: raise SystemExit(f"--shard {text!r}: write it as i/n, e.g. 0/2 and 1/2 for two processes.") from None
+    if not 0 <= i < n: raise SystemExit(f"--shard {text!r}: need 0 <= i < n.")
+    return i, n
+
 def cmd_bench(a):
     "Run (or resume) the benchmark grid, then rebuild its tables and plots."
     from fade_asr.bench import run_bench, write_report
     if not a.report_only:
         run_bench(a.out, bits=a.bits, seeds=range(a.seeds), methods=a.methods, data=a.data, limit=a.limit,
-                  batch_size=a.batch_size, model=a.model)
+                  batch_size=a.batch_size, model=a.model, shard=_shard(a.shard),
+                  **({} if a.fraction is None else dict(fraction=a.fraction)))
     print(write_report(a.out))
 
 def cmd_recipes(a):
@@ -163,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--model', default=None); s.add_argument('--data', nargs='*', default=None)
     s.add_argument('--bits', type=int, nargs='+', default=[3, 4]); s.add_argument('--seeds', type=int, default=5)
     s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
+    s.add_argument('--fraction', type=float, default=None, help="share of each test set scored, fixed by id hash (default: bench.BENCH_TEST_FRACTION, 0.5)")
+    s.add_argument('--shard', default='0/1', help="i/n: run every n-th run from the i-th, to split the grid over n processes")
     s.add_argument('--methods', nargs='+', default=None, help='method labels to run (default: all; see bench.default_methods)')
     s.add_argument('--out', default='bench', help='runs and results go here (default: bench/)')
     s.add_argument('--report-only', action='store_true', help='only rebuild tables and plots from stored runs')

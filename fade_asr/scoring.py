@@ -8,6 +8,7 @@ Docs: https://fade-asr.github.io/fade_asr/scoring.html.md"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -23,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['SAMPLE_RATE', 'WINDOW_SECONDS', 'DEFAULT_BATCH_SIZE', 'english_spelling_map', 'english_normalizer', 'normalize',
-           'EmptyReferenceError', 'WerStats', 'wer_report', 'split_long_audio', 'torch_threads', 'transcribe',
-           'EvalResult', 'evaluate', 'results_table', 'results_json', 'load_results_json', 'BootstrapResult',
-           'paired_bootstrap', 'worst_utterances', 'wer_excluding_worst']
+__all__ = ['SAMPLE_RATE', 'WINDOW_SECONDS', 'DEFAULT_BATCH_SIZE', 'MAX_TOKENS_PER_S', 'MIN_TOKEN_BUDGET', 'english_spelling_map',
+           'english_normalizer', 'normalize', 'EmptyReferenceError', 'WerStats', 'wer_report', 'split_long_audio',
+           'torch_threads', 'token_budget', 'transcribe', 'EvalResult', 'evaluate', 'results_table', 'results_json',
+           'load_results_json', 'BootstrapResult', 'paired_bootstrap', 'worst_utterances', 'wer_excluding_worst']
 
 # %% ../nbs/02_scoring.ipynb #94e3d328
 def _asset_path(*parts: str) -> Path:
@@ -195,9 +196,27 @@ def _check_audio(i: int, a) -> np.ndarray:
         raise ValueError(f"audio {i} is empty; drop it from the inputs.")
     return a.astype(np.float32, copy=False)
 
+MAX_TOKENS_PER_S, MIN_TOKEN_BUDGET = 8.0, 16   # the runaway-loop guard: about twice the fastest speech
+
+def token_budget(n_samples: int, per_s: float | None = MAX_TOKENS_PER_S, floor: int = MIN_TOKEN_BUDGET) -> int | None:
+    "Most text tokens a piece of `n_samples` 16-kHz samples may produce (None: no budget)."
+    if per_s is None: return None
+    if per_s <= 0: raise ValueError(f"max_tokens_per_s must be positive or None, got {per_s}.")
+    return math.ceil(per_s * n_samples / SAMPLE_RATE) + floor
+
+def _decode_rows(processor, seqs, budgets) -> list[str]:
+    "Decode each row of generated ids, keeping at most its budget of non-special tokens."
+    special = set(processor.tokenizer.all_special_ids)
+    out = []
+    for row, k in zip(seqs.tolist(), budgets):
+        ids = [t for t in row if t not in special]
+        out.append(processor.tokenizer.decode(ids if k is None else ids[:k], skip_special_tokens=True).strip())
+    return out
+
 def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int = DEFAULT_BATCH_SIZE,
                progress: bool = True, long_form: str = "window", max_new_tokens: int | None = None,
-               num_threads: int | None = None, **generate_kwargs) -> list[str]:
+               num_threads: int | None = None, max_tokens_per_s: float | None = MAX_TOKENS_PER_S,
+               **generate_kwargs) -> list[str]:
     "Greedy-decode 16-kHz mono `audios` with a Whisper `model`; texts come back in input order."
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if long_form not in ("window", "error"):
@@ -223,10 +242,14 @@ def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int =
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
             feats = fe([pieces[j] for j in idx], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-            out = model.generate(feats.to(device=param.device, dtype=param.dtype), **gen)
+            budgets = [token_budget(len(pieces[j]), max_tokens_per_s) for j in idx]
+            g = dict(gen)
+            if budgets[0] is not None:   # longest piece first, so budgets[0] is the batch's largest
+                g["max_new_tokens"] = min(budgets[0] + 4, g.get("max_new_tokens", 10**9))   # + the prompt's tokens
+            out = model.generate(feats.to(device=param.device, dtype=param.dtype), **g)
             seqs = out.sequences if hasattr(out, "sequences") else out
-            for j, t in zip(idx, processor.batch_decode(seqs, skip_special_tokens=True)):
-                texts[j] = t.strip()
+            for j, t in zip(idx, _decode_rows(processor, seqs, budgets)):
+                texts[j] = t
             bar.update(len(idx))
     res = [[] for _ in audios]
     for j, i in enumerate(owner): res[i].append(texts[j])

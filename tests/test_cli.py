@@ -31,6 +31,8 @@ def test_every_shipped_recipe_loads():
     (['eval', '--model', '/no/such/model', '--limit', '1'], 'does not exist'),
     (['quantize', '--recipe', 'no-such-recipe'], 'unknown recipe'),
     (['eval', '--data', 'no-such-set', '--limit', '1'], 'no-such-set'),
+    (['bench', '--shard', '2/2'], 'need 0 <= i < n'),
+    (['bench', '--shard', 'half'], 'write it as i/n'),
 ])
 def test_clear_errors(args, msg):
     r = run_cli(*args)
