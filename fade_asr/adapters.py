@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'name_matches', 'Block', 'CalibWindow', 'pack_utterances', 'padding_fraction', 'ModelAdapter',
-           'whisper_default_processor', 'WhisperAdapter', 'model_family', 'get_adapter', 'tiny_random_whisper']
+__all__ = ['ADAPTERS', 'QWEN3_ASR_TEST_TEMPLATE', 'name_matches', 'Block', 'CalibWindow', 'pack_utterances', 'padding_fraction',
+           'ModelAdapter', 'whisper_default_processor', 'WhisperAdapter', 'model_family', 'get_adapter',
+           'tiny_random_whisper', 'MoonshineAdapter', 'Qwen3ASRAdapter', 'tiny_tokenizer', 'tiny_random_moonshine',
+           'tiny_random_qwen3_asr', 'tiny_random_whisper_multilingual']
 
 # %% ../nbs/07_adapters.ipynb #3e635dce
 def name_matches(name: str, patterns: Sequence[str] | str | None) -> bool:
@@ -51,6 +53,7 @@ class CalibWindow:
     features: torch.Tensor | None = None  # model input features of this window (e.g. log-mel [n_mels, 3000])
     tokens: torch.Tensor | None = None    # decoder teacher-forcing input ids [T] (prompt prefix + text)
     speech_s: float = 0.0                 # seconds of speech (without gaps or padding)
+    extra: dict = field(default_factory=dict)  # further per-window model inputs a family needs (e.g. a feature mask)
 
 # %% ../nbs/07_adapters.ipynb #788e16c0
 def pack_utterances(utts: Sequence, window_s: float | None = 30.0, pack: bool = True, gap_s: float = 0.3,
@@ -151,6 +154,14 @@ class ModelAdapter:
         "Full names of every quantized linear, in the pipeline's (true-sequential) order."
         return [n for b in self.blocks() for n in b.names]
 
+    @property
+    def proc(self):
+        "The model's processor (feature extractor + tokenizer)."
+        if self.processor is None:
+            raise ValueError(f"the {self.family} adapter needs the model's processor; pass processor=... "
+                             "(`models.load_model` returns it as `.processor`)")
+        return self.processor
+
     # -- data --
     def make_windows(self, utts: Sequence, pack: bool = True, gap_s: float = 0.3) -> list[CalibWindow]:
         "Calibration windows (packed if `pack`) for this family's input length."
@@ -176,6 +187,28 @@ class ModelAdapter:
     def valid_tokens(self, stack: str, kw: dict, b: int) -> slice | torch.Tensor:
         "Which token positions of batch row `b` are real input (all, unless the family pads a batch)."
         return slice(None)
+    def token_rows(self, stack: str, x: torch.Tensor, b: int, kw: dict) -> torch.Tensor:
+        "The rows (tokens × features) of a linear's input `x` that belong to batch row `b`, real tokens only."
+        return x[b][self.valid_tokens(stack, kw, b)].reshape(-1, x.shape[-1])
+
+    # -- inference (used by `scoring.transcribe` for every family but Whisper, whose path is its own) --
+    def generate_kwargs(self) -> dict:
+        "Extra keyword arguments for `model.generate` (e.g. a multilingual Whisper's language and task)."
+        return {}
+    def transcribe_batch(self, model: nn.Module, audios: Sequence[np.ndarray], budgets: Sequence[int | None],
+                         max_new_tokens: int | None = None, **generate_kwargs) -> list[str]:
+        "Greedy transcripts of a batch of ≤ 30-s 16-kHz clips; row `i` keeps at most `budgets[i]` text tokens."
+        raise NotImplementedError(f"the {self.family} adapter cannot transcribe")
+
+    def _decode_rows(self, rows, budgets) -> list[str]:
+        "Text of generated id rows: special tokens dropped, at most the row's budget of text tokens."
+        tok = self.proc.tokenizer
+        special = set(tok.all_special_ids)
+        out = []
+        for row, k in zip(rows, budgets):
+            ids = [t for t in row if t not in special]
+            out.append(tok.decode(ids if k is None else ids[:k], skip_special_tokens=True).strip())
+        return out
 
 # %% ../nbs/07_adapters.ipynb #971e0932
 def _bundled_en_tokenizer():
@@ -205,9 +238,12 @@ class WhisperAdapter(ModelAdapter):
                     ['encoder_attn.q_proj', 'encoder_attn.k_proj', 'encoder_attn.v_proj'], ['encoder_attn.out_proj'],
                     ['fc1'], ['fc2']]}
 
-    def __init__(self, model, processor=None, include=None, exclude=None, language: str = 'en', max_tokens: int | None = None):
+    def __init__(self, model, processor=None, include=None, exclude=None, language: str = 'en', task: str = 'transcribe',
+                 max_tokens: int | None = None):
         super().__init__(model, processor, include, exclude)
-        self.language = language
+        if task not in ('transcribe', 'translate'):
+            raise ValueError(f"task must be 'transcribe' or 'translate', not {task!r}")
+        self.language, self.task = language, task
         self.max_tokens = max_tokens or model.config.max_target_positions
 
     def _base(self, model): return model.model if hasattr(model, 'model') and hasattr(model.model, 'encoder') else model
@@ -228,11 +264,16 @@ class WhisperAdapter(ModelAdapter):
     def prompt_ids(self) -> list[int]:
         "The decoder prompt prefix: sot [lang task] notimestamps."
         tok = self.proc.tokenizer
-        toks = ['<|startoftranscript|>'] + ([f'<|{self.language}|>', '<|transcribe|>'] if self.multilingual else []) + ['<|notimestamps|>']
+        toks = ['<|startoftranscript|>'] + ([f'<|{self.language}|>', f'<|{self.task}|>'] if self.multilingual else []) + ['<|notimestamps|>']
         ids = tok.convert_tokens_to_ids(toks)
         if any(i is None or i == tok.unk_token_id for i in ids):
-            raise ValueError(f"the tokenizer lacks one of {toks}; pass the model's own processor")
+            raise ValueError(f"the tokenizer lacks one of {toks}; pass the model's own processor (and a language code "
+                             f"the model knows, e.g. 'en')")
         return list(ids)
+
+    def generate_kwargs(self) -> dict:
+        "A multilingual model is told its language and task (no language detection); an English-only one needs nothing."
+        return {'language': self.language, 'task': self.task} if self.multilingual else {}
 
     def features(self, audio: np.ndarray) -> torch.Tensor:
         "Log-mel features [n_mels, 3000] of one (padded) 30-s window."
@@ -328,3 +369,272 @@ def tiny_random_whisper(seed: int = 0, d_model: int = 64, layers: int = 2, ffn: 
                         decoder_ffn_dim=ffn, num_mel_bins=80, max_source_positions=1500, max_target_positions=448,
                         decoder_start_token_id=50257, pad_token_id=50256, eos_token_id=50256, bos_token_id=50256)
     return WhisperForConditionalGeneration(cfg).eval()
+
+# %% ../nbs/07_adapters.ipynb #1ef84f89
+class _NativeLengthAdapter(ModelAdapter):
+    "Shared parts of adapters whose models take audio at its own length (one utterance per calibration window)."
+    stacks = ('encoder', 'decoder')
+    max_window_s = 30.0
+    _groups: dict = {}
+
+    def group_names(self, stack): return [list(g) for g in self._groups[stack]]
+    def make_windows(self, utts, pack=True, gap_s=0.3):
+        return pack_utterances(utts, self.max_window_s, pack=False, sr=self.sample_rate)
+    def batches(self, stack, windows, batch_size=8): return [[i] for i in range(len(windows))]
+
+    def prepare(self, windows, teacher='reference', model=None):
+        if teacher not in ('reference', 'greedy'):
+            raise ValueError(f"teacher must be 'reference' or 'greedy', not {teacher!r}")
+        for w in windows:
+            prompt = self.prompt(w)
+            if teacher == 'reference': text = self.proc.tokenizer.encode(self.teacher_text(w.text), add_special_tokens=False)
+            else: text = self.greedy_text_ids(self.model if model is None else model, w, prompt)
+            w.tokens = torch.tensor(list(prompt) + list(text), dtype=torch.long)
+        return windows
+
+    def teacher_text(self, text: str) -> str: return text.strip()
+    def prompt(self, w: CalibWindow) -> list[int]:
+        "Fill `w.features` (and `w.extra`) and return the decoder's prompt ids."
+        raise NotImplementedError
+    def greedy_text_ids(self, model, w: CalibWindow, prompt: list[int], max_new: int = 224) -> list[int]:
+        "The FP model's greedy text ids for window `w` (no prompt, no end token)."
+        raise NotImplementedError
+
+    def _strip_end(self, ids: list[int]) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {self.model.generation_config.pad_token_id}
+        while ids and ids[-1] in eos: ids = ids[:-1]
+        return ids
+
+# %% ../nbs/07_adapters.ipynb #8648ebb9
+class MoonshineAdapter(_NativeLengthAdapter):
+    "Adapter for `MoonshineForConditionalGeneration`."
+    family = 'moonshine'
+    _groups = {
+        'encoder': [['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], ['self_attn.o_proj'], ['mlp.fc1'], ['mlp.fc2']],
+        'decoder': [['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], ['self_attn.o_proj'],
+                    ['encoder_attn.q_proj', 'encoder_attn.k_proj', 'encoder_attn.v_proj'], ['encoder_attn.o_proj'],
+                    ['mlp.fc1'], ['mlp.fc2']]}
+
+    def prefix(self, stack): return f"model.{stack}.layers"
+    def layers(self, model, stack): return getattr(model.model, stack).layers
+
+    def _inputs(self, audios):
+        fe = self.proc.feature_extractor
+        return fe(list(audios), sampling_rate=self.sample_rate, return_tensors='pt', padding=True, return_attention_mask=True)
+
+    def prompt(self, w):
+        w.features = self._inputs([w.audio]).input_values[0].to(torch.float32)
+        return [int(self.model.config.decoder_start_token_id)]
+
+    @torch.no_grad()
+    def greedy_text_ids(self, model, w, prompt, max_new=224):
+        out = model.generate(w.features[None].to(model.dtype), max_new_tokens=max_new, do_sample=False, num_beams=1)
+        return self._strip_end(out[0].tolist()[len(prompt):])
+
+    def stack_input(self, model, stack, windows, ctxs):
+        from transformers.masking_utils import create_causal_mask
+        if stack == 'encoder':
+            enc = model.model.encoder
+            x = torch.stack([w.features for w in windows]).to(enc.conv1.weight.dtype)[:, None]
+            h = enc.groupnorm(torch.tanh(enc.conv1(x)))
+            h = nn.functional.gelu(enc.conv3(nn.functional.gelu(enc.conv2(h)))).permute(0, 2, 1)
+            pos = torch.arange(h.shape[1])[None]
+            return h, {'position_ids': pos, 'position_embeddings': enc.rotary_emb(h, position_ids=pos)}
+        dec = model.model.decoder
+        ids = torch.stack([w.tokens for w in windows])
+        h = dec.embed_tokens(ids)
+        pos = torch.arange(ids.shape[1])[None]
+        mask = create_causal_mask(config=dec.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos)
+        return h, {'attention_mask': mask, 'encoder_hidden_states': torch.stack([c['encoder_hidden_states'] for c in ctxs]),
+                   'position_ids': pos, 'position_embeddings': dec.rotary_emb(h, position_ids=pos)}
+
+    def run_block(self, block, hidden, kw):
+        if 'encoder_hidden_states' in kw:
+            return block(hidden, kw['attention_mask'], kw['encoder_hidden_states'], position_ids=kw['position_ids'],
+                         position_embeddings=kw['position_embeddings'], use_cache=False)
+        return block(hidden, None, position_ids=kw['position_ids'], position_embeddings=kw['position_embeddings'])
+
+    def stack_output(self, model, stack, hidden, kw):
+        if stack == 'encoder':
+            e = model.model.encoder.layer_norm(hidden)
+            return [{'encoder_hidden_states': e[i]} for i in range(e.shape[0])]
+        return super().stack_output(model, stack, hidden, kw)
+
+    @torch.no_grad()
+    def transcribe_batch(self, model, audios, budgets, max_new_tokens=None, **generate_kwargs):
+        inp = self._inputs(audios)
+        g = {'num_beams': 1, 'do_sample': False, **generate_kwargs, 'max_new_tokens': max_new_tokens or 448}
+        p = next(model.parameters())
+        out = model.generate(inp.input_values.to(device=p.device, dtype=p.dtype), attention_mask=inp.attention_mask.to(p.device), **g)
+        return self._decode_rows(out.tolist(), budgets)
+
+# %% ../nbs/07_adapters.ipynb #f0a2ce72
+class Qwen3ASRAdapter(_NativeLengthAdapter):
+    "Adapter for `Qwen3ASRForConditionalGeneration`: audio encoder + projector + Qwen3 LLM decoder."
+    family = 'qwen3_asr'
+    _groups = {
+        'encoder': [['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], ['self_attn.out_proj'], ['fc1'], ['fc2']],
+        'decoder': [['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], ['self_attn.o_proj'],
+                    ['mlp.gate_proj', 'mlp.up_proj'], ['mlp.down_proj']]}
+    _where = {'encoder': 'audio_tower', 'decoder': 'language_model'}
+
+    def __init__(self, model, processor=None, include=None, exclude=None, language: str = 'en'):
+        super().__init__(model, processor, include, exclude)
+        self.language = language
+
+    def prefix(self, stack): return f"model.{self._where[stack]}.layers"
+    def layers(self, model, stack): return getattr(model.model, self._where[stack]).layers
+
+    def _inputs(self, audios):
+        if not hasattr(self.proc, 'apply_transcription_request'):
+            raise ValueError(f"the Qwen3-ASR adapter needs a Qwen3ASRProcessor, got {type(self.proc).__name__}; "
+                             "load the checkpoint's own processor (AutoProcessor.from_pretrained(dir))")
+        return self.proc.apply_transcription_request(audio=[np.asarray(a, np.float32) for a in audios], language=self.language)
+
+    def prompt(self, w):
+        inp = self._inputs([w.audio])
+        w.features = inp['input_features'][0].to(torch.float32)
+        w.extra['features_mask'] = inp['input_features_mask'][0]
+        return inp['input_ids'][0].tolist()
+
+    @torch.no_grad()
+    def greedy_text_ids(self, model, w, prompt, max_new=224):
+        ids = torch.tensor([prompt])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=w.features[None].to(model.dtype),
+                             input_features_mask=w.extra['features_mask'][None], max_new_tokens=max_new, do_sample=False, num_beams=1)
+        return self._strip_end(out[0, len(prompt):].tolist())
+
+    def token_rows(self, stack, x, b, kw):
+        # the audio encoder runs on one flat sequence [tokens, features] per window (batches hold one window)
+        return x.reshape(-1, x.shape[-1]) if stack == 'encoder' else super().token_rows(stack, x, b, kw)
+
+    def stack_input(self, model, stack, windows, ctxs):
+        base = model.model
+        if stack == 'encoder':
+            if len(windows) != 1: raise ValueError("the Qwen3-ASR encoder is calibrated one window at a time")
+            at, w = base.audio_tower, windows[0]
+            feats, fmask = w.features[None].to(at.conv2d1.weight.dtype), w.extra['features_mask'][None]
+            n_mel, T = feats.shape[1], feats.shape[2]
+            cl = at.n_window * 2
+            if T % cl: raise ValueError(f"Qwen3-ASR features have {T} frames, not a multiple of {cl}; use the model's processor")
+            from transformers.models.qwen3_asr.modeling_qwen3_asr import get_audio_cu_seqlens
+            chunk_lens = fmask.view(1, T // cl, cl).sum(-1).reshape(-1).long()
+            cu = get_audio_cu_seqlens(chunk_lens, fmask.sum(-1).long(), at.n_window_infer, at.n_window)
+            x = feats.view(1, n_mel, T // cl, cl).permute(0, 2, 1, 3).reshape(T // cl, 1, n_mel, cl)
+            x = nn.functional.gelu(at.conv2d3(nn.functional.gelu(at.conv2d2(nn.functional.gelu(at.conv2d1(x))))))
+            n, c, f, t = x.shape
+            x = at.conv_out(x.permute(0, 3, 1, 2).reshape(n, t, c * f)) + at.positional_embedding.positional_embedding[:t].to(x.dtype)
+            keep = (torch.arange(t)[None] < at._post_cnn_length(chunk_lens)[:, None]).flatten()
+            h = x.reshape(-1, x.shape[-1])[keep]
+            return h, {'cu_seqlens': cu, 'max_seqlen': int((cu[1:] - cu[:-1]).max())}
+        from transformers.masking_utils import create_causal_mask
+        lm = base.language_model
+        ids = torch.stack([w.tokens for w in windows])
+        h = lm.embed_tokens(ids)
+        audio = ids == model.config.audio_token_id
+        for i, c in enumerate(ctxs):
+            a = c['audio_embeds']
+            if int(audio[i].sum()) != a.shape[0]:
+                raise ValueError(f"window {windows[i].ids}: {int(audio[i].sum())} audio placeholder tokens but {a.shape[0]} "
+                                 "audio frames; the processor does not match the model (n_window?)")
+            h[i, audio[i]] = a.to(h.dtype)
+        pos = torch.arange(ids.shape[1])[None]
+        mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos)
+        return h, {'attention_mask': mask, 'position_ids': pos, 'position_embeddings': lm.rotary_emb(h, pos)}
+
+    def run_block(self, block, hidden, kw):
+        if 'cu_seqlens' in kw: return block(hidden, kw['cu_seqlens'], max_seqlen=kw['max_seqlen'])[0]
+        return block(hidden, attention_mask=kw['attention_mask'], position_ids=kw['position_ids'],
+                     position_embeddings=kw['position_embeddings'], use_cache=False)
+
+    def stack_output(self, model, stack, hidden, kw):
+        if stack == 'encoder':
+            a = model.model.multi_modal_projector(model.model.audio_tower.ln_post(hidden))
+            return [{'audio_embeds': a}]
+        return super().stack_output(model, stack, hidden, kw)
+
+    @torch.no_grad()
+    def transcribe_batch(self, model, audios, budgets, max_new_tokens=None, **generate_kwargs):
+        inp = self._inputs(audios)
+        p = next(model.parameters())
+        inp = {k: (v.to(p.device, p.dtype) if k == 'input_features' else v.to(p.device)) for k, v in inp.items()}
+        g = {'num_beams': 1, 'do_sample': False, **generate_kwargs, 'max_new_tokens': max_new_tokens or 448}
+        out = model.generate(**inp, **g)
+        rows = out[:, inp['input_ids'].shape[1]:].tolist()
+        texts = self._decode_rows(rows, budgets)
+        return [t.split('<asr_text>', 1)[-1].strip() for t in texts]
+
+# %% ../nbs/07_adapters.ipynb #9b8a3aa0
+ADAPTERS.update(moonshine=MoonshineAdapter, qwen3_asr=Qwen3ASRAdapter)
+
+# %% ../nbs/07_adapters.ipynb #619b7550
+_TINY_TEXT = ("the quick brown fox jumps over the lazy dog. she sells sea shells by the sea shore. hello world, "
+              "this is a test of speech recognition; numbers 0 1 2 3 4 5 6 7 8 9 and letters a b c d e f g h i j k l "
+              "m n o p q r s t u v w x y z. it's the user's turn. language English system user assistant")
+
+def tiny_tokenizer(specials: Sequence[str], vocab_size: int = 400, **kw):
+    "A small byte-level BPE `PreTrainedTokenizerFast` trained offline on a fixed text; `specials` get the first ids."
+    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([_TINY_TEXT] * 4, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
+
+def tiny_random_moonshine(seed: int = 0, hidden: int = 64, layers: int = 2, ffn: int = 128, heads: int = 2):
+    "A randomly initialised small `MoonshineForConditionalGeneration` and a matching `Wav2Vec2Processor` (offline)."
+    from transformers import MoonshineConfig, MoonshineForConditionalGeneration, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+    tok = tiny_tokenizer(['<unk>', '<s>', '</s>'], unk_token='<unk>', bos_token='<s>', eos_token='</s>')
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False,
+                                  return_attention_mask=True)
+    torch.manual_seed(seed)
+    cfg = MoonshineConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, encoder_num_hidden_layers=layers,
+                          decoder_num_hidden_layers=layers, encoder_num_attention_heads=heads, decoder_num_attention_heads=heads,
+                          decoder_start_token_id=1, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    m = MoonshineForConditionalGeneration(cfg).eval()
+    m.generation_config.decoder_start_token_id, m.generation_config.eos_token_id, m.generation_config.pad_token_id = 1, 2, 2
+    return m, Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok)
+
+QWEN3_ASR_TEST_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'audio' %}<|audio_start|><|audio_pad|><|audio_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+def tiny_random_qwen3_asr(seed: int = 0, hidden: int = 64, layers: int = 2, ffn: int = 128, heads: int = 2):
+    "A randomly initialised small `Qwen3ASRForConditionalGeneration` and a matching `Qwen3ASRProcessor` (offline)."
+    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRFeatureExtractor, Qwen3ASRProcessor
+    sp = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|audio_start|>', '<|audio_end|>', '<|audio_pad|>', '<asr_text>']
+    tok = tiny_tokenizer(sp, eos_token='<|im_end|>', pad_token='<|endoftext|>', extra_special_tokens={
+        'audio_token': '<|audio_pad|>', 'audio_bos_token': '<|audio_start|>', 'audio_eos_token': '<|audio_end|>'})
+    proc = Qwen3ASRProcessor(feature_extractor=Qwen3ASRFeatureExtractor(), tokenizer=tok, chat_template=QWEN3_ASR_TEST_TEMPLATE)
+    torch.manual_seed(seed)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in sp}
+    cfg = Qwen3ASRConfig(
+        audio_config=dict(num_mel_bins=128, encoder_layers=layers, encoder_attention_heads=heads, encoder_ffn_dim=ffn,
+                          d_model=hidden, output_dim=hidden, downsample_hidden_size=16),
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=1, head_dim=hidden // heads, max_position_embeddings=4096),
+        audio_token_id=ids['<|audio_pad|>'], pad_token_id=ids['<|endoftext|>'], eos_token_id=[ids['<|im_end|>'], ids['<|endoftext|>']])
+    m = Qwen3ASRForConditionalGeneration(cfg).eval()
+    m.generation_config.eos_token_id, m.generation_config.pad_token_id = [ids['<|im_end|>'], ids['<|endoftext|>']], ids['<|endoftext|>']
+    return m, proc
+
+def tiny_random_whisper_multilingual(seed: int = 0, **kw):
+    "A tiny random multilingual-shaped Whisper (vocab 51865, language and task tokens) with a processor, offline."
+    from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperFeatureExtractor, WhisperProcessor
+    small = tiny_random_whisper(seed, **kw)
+    cfg = WhisperConfig(**{**small.config.to_dict(), 'vocab_size': 51865})
+    torch.manual_seed(seed)
+    m = WhisperForConditionalGeneration(cfg).eval()
+    tok = _bundled_en_tokenizer()      # carries every <|xx|> language token and <|transcribe|>/<|translate|>
+    v = tok.get_vocab()
+    g = m.generation_config
+    g.decoder_start_token_id, g.eos_token_id, g.pad_token_id = v['<|startoftranscript|>'], v['<|endoftext|>'], v['<|endoftext|>']
+    g.no_timestamps_token_id, g.is_multilingual, g.max_length = v['<|notimestamps|>'], True, 448
+    g.lang_to_id = {t: i for t, i in v.items() if len(t) <= 9 and t.startswith('<|') and t.endswith('|>') and t[2:-2].isalpha()
+                    and t[2:-2].islower() and len(t[2:-2]) <= 3}
+    g.task_to_id = {'transcribe': v['<|transcribe|>'], 'translate': v['<|translate|>']}
+    return m, WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=cfg.num_mel_bins), tokenizer=tok)

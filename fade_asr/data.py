@@ -15,13 +15,15 @@ import av
 import numpy as np
 
 # %% auto #0
-__all__ = ['SAMPLE_RATE', 'SPLITS', 'ASTERISK_PACKAGES', 'ASTERISK_FRACTIONS', 'STRINGR_PACKAGE', 'HARVARD_FRACTIONS',
-           'Utterance', 'SpeechDataset', 'AudioError', 'AudioFileNotFound', 'load_audio', 'save_audio',
-           'atomic_write_text', 'write_manifest', 'read_manifest', 'load_manifest', 'text_key', 'assign_splits',
-           'data_dir', 'shipped_datasets', 'dataset_info', 'load_dataset', 'calibration_subset',
-           'parse_asterisk_transcripts', 'clean_prompt_text', 'select_prompts', 'fetch_debian_packages',
-           'summarize_rows', 'finalize_set', 'build_asterisk', 'read_r_lazyload', 'piper_synthesizer',
-           'festival_synthesizer', 'select_sentences', 'build_harvard', 'build_all', 'check_split_disjoint']
+__all__ = ['SAMPLE_RATE', 'SPLITS', 'CORPUS_KINDS', 'ASTERISK_PACKAGES', 'ASTERISK_FRACTIONS', 'STRINGR_PACKAGE',
+           'HARVARD_FRACTIONS', 'Utterance', 'SpeechDataset', 'AudioError', 'AudioFileNotFound', 'load_audio',
+           'save_audio', 'atomic_write_text', 'write_manifest', 'read_manifest', 'load_manifest', 'text_key',
+           'assign_splits', 'data_dir', 'shipped_datasets', 'dataset_info', 'parse_data_spec', 'librispeech_rows',
+           'tedlium_text', 'tedlium_rows', 'spgispeech_rows', 'hf_rows', 'corpus_rows', 'load_corpus', 'load_dataset',
+           'calibration_subset', 'parse_asterisk_transcripts', 'clean_prompt_text', 'select_prompts',
+           'fetch_debian_packages', 'summarize_rows', 'finalize_set', 'build_asterisk', 'read_r_lazyload',
+           'piper_synthesizer', 'festival_synthesizer', 'select_sentences', 'build_harvard', 'build_all',
+           'check_split_disjoint']
 
 # %% ../nbs/01_data.ipynb #657275f3
 SAMPLE_RATE = 16_000  # Whisper, Moonshine and Qwen3-ASR all take 16-kHz mono
@@ -290,11 +292,226 @@ def _check_name(name: str):
     if name not in names:
         raise ValueError(f"Unknown data set {name!r}; shipped sets: {names or 'none'}"
                          + ("" if names else f" (no manifests under {data_dir()}; run `fade-asr build-data`)")
-                         + ". For your own audio use `load_manifest(path)`.")
+                         + ". For a corpus on your disk use a data spec such as 'librispeech:/data/LibriSpeech/test-clean' "
+                         "(also tedlium:, spgispeech:, hf:, manifest:).")
+
+# %% ../nbs/01_data.ipynb #3529b9c4
+CORPUS_KINDS = ('librispeech', 'tedlium', 'spgispeech', 'hf', 'manifest')
+_SPEC_HELP = ("write it as KIND:PATH with KIND one of librispeech, tedlium, spgispeech, hf, manifest, e.g. "
+              "librispeech:/data/LibriSpeech/test-clean")
+
+def parse_data_spec(name) -> tuple[str, Path] | None:
+    "`(kind, path)` for a data spec `kind:path`; None for a plain (shipped) set name."
+    if not isinstance(name, str) or ':' not in name: return None
+    kind, _, path = name.partition(':')
+    kind = kind.strip().lower()
+    if kind not in CORPUS_KINDS:
+        raise ValueError(f"unknown corpus kind {kind!r} in data spec {name!r}; {_SPEC_HELP}")
+    if not path.strip(): raise ValueError(f"data spec {name!r} has no path; {_SPEC_HELP}")
+    return kind, Path(path.strip()).expanduser()
+
+def _need_dir(p: Path, what: str, example: str) -> Path:
+    if not p.exists(): raise FileNotFoundError(f"{p} does not exist; expected {what} (e.g. {example})")
+    if not p.is_dir(): raise NotADirectoryError(f"{p} is a file; expected {what} (e.g. {example})")
+    return p
+
+# %% ../nbs/01_data.ipynb #0e963594
+def librispeech_rows(root: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
+    "Rows of a LibriSpeech split directory: every `*.trans.txt` below `root`, audio `ID.flac` beside it."
+    root = _need_dir(Path(root), 'a LibriSpeech split directory', 'LibriSpeech/test-clean')
+    trans = sorted(root.rglob('*.trans.txt'))
+    if not trans:
+        what = 'is empty' if not any(root.iterdir()) else 'holds no *.trans.txt file'
+        raise FileNotFoundError(f"{root} {what}; a LibriSpeech split directory holds <speaker>/<chapter>/"
+                                f"<speaker>-<chapter>.trans.txt with the flac files beside it; point at e.g. LibriSpeech/test-clean")
+    rows, bad = [], []
+    for t in trans:
+        seen = set()
+        for ln, line in enumerate(t.read_text(encoding='utf-8').splitlines(), 1):
+            if not line.strip(): continue
+            uid, _, text = line.strip().partition(' ')
+            seen.add(uid)
+            if not text.strip(): bad.append((uid, f"{t.name}:{ln}: empty transcript")); continue
+            rows.append({'id': uid, 'text': text.strip(), 'file': str(t.parent / f"{uid}.flac")})
+        bad += [(f.stem, f"{f.name} has no line in {t.name} (missing transcript)") for f in sorted(t.parent.glob('*.flac'))
+                if f.stem not in seen]
+    return rows, bad
+
+# %% ../nbs/01_data.ipynb #70c0d088
+_TED_IGNORE = 'ignore_time_segment_in_scoring'
+
+def tedlium_text(text: str) -> str:
+    "A TED-LIUM transcript as words: `<unk>` and other `<..>` markers dropped, split contractions re-joined."
+    t = re.sub(r"<[^>]*>", ' ', text)
+    t = re.sub(r"(\w) '(\w)", r"\1'\2", ' '.join(t.split()))
+    return ' '.join(t.split())
+
+def tedlium_rows(root: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
+    "Rows of a TED-LIUM 3 directory (`stm/*.stm` + `sph/*.sph`): one per scored stm segment."
+    root = _need_dir(Path(root), 'a TED-LIUM 3 directory with stm/ and sph/', 'TEDLIUM_release-3/legacy/test')
+    stm = sorted((root / 'stm').glob('*.stm')) if (root / 'stm').is_dir() else []
+    if not stm:
+        raise FileNotFoundError(f"{root} has no stm/*.stm files; a TED-LIUM 3 directory holds stm/<talk>.stm and "
+                                f"sph/<talk>.sph; point at e.g. TEDLIUM_release-3/legacy/test")
+    rows, bad = [], []
+    for f in stm:
+        for ln, line in enumerate(f.read_text(encoding='utf-8', errors='replace').splitlines(), 1):
+            if not line.strip() or line.startswith(';;'): continue
+            p = line.split()
+            try: talk, start, end, text = p[0], float(p[3]), float(p[4]), ' '.join(p[6:])
+            except (IndexError, ValueError):
+                bad.append((f"{f.name}:{ln}", "not an stm line (talk channel speaker start end <label> text)")); continue
+            if text.strip() == _TED_IGNORE: continue
+            uid = f"{talk}-{start:09.2f}-{end:09.2f}"
+            if end <= start: bad.append((uid, f"{f.name}:{ln}: end {end} <= start {start}")); continue
+            text = tedlium_text(text)
+            if not text: bad.append((uid, f"{f.name}:{ln}: empty transcript")); continue
+            rows.append({'id': uid, 'text': text, 'file': str(root / 'sph' / f"{talk}.sph"), 'start': start, 'end': end})
+    return rows, bad
+
+# %% ../nbs/01_data.ipynb #0ca5acf9
+def spgispeech_rows(path: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
+    "Rows of a SPGISpeech csv (`wav_filename|wav_filesize|transcript`), or of the one csv in directory `path`."
+    import csv
+    p = Path(path)
+    if not p.exists(): raise FileNotFoundError(f"{p} does not exist; expected a SPGISpeech csv (e.g. spgispeech/val.csv)")
+    if p.is_dir():
+        csvs = sorted(p.glob('*.csv'))
+        if len(csvs) != 1:
+            raise FileNotFoundError(f"{p} holds {len(csvs)} csv files ({', '.join(c.name for c in csvs[:5])}); pass the "
+                                    f"one to use, e.g. spgispeech:{p / 'val.csv'}" if csvs else
+                                    f"{p} holds no csv file; a SPGISpeech split is a csv (wav_filename|wav_filesize|transcript) "
+                                    f"with its wav files; pass e.g. spgispeech:/data/spgispeech/val.csv")
+        p = csvs[0]
+    with open(p, newline='', encoding='utf-8') as fh:
+        r = csv.DictReader(fh, delimiter='|')
+        if not r.fieldnames or not {'wav_filename', 'transcript'} <= set(r.fieldnames):
+            raise ValueError(f"{p} has columns {r.fieldnames}; a SPGISpeech csv has the header "
+                             f"wav_filename|wav_filesize|transcript")
+        rows, bad = [], []
+        for i, d in enumerate(r, 2):
+            wav = (d.get('wav_filename') or '').strip()
+            uid = str(Path(wav).with_suffix('')) or f"{p.name}:{i}"
+            text = (d.get('transcript') or '').strip()
+            if not wav: bad.append((uid, f"{p.name}:{i}: no wav_filename")); continue
+            if not text: bad.append((uid, f"{p.name}:{i}: empty transcript")); continue
+            f = next((c for c in (p.parent / wav, p.parent / p.stem / wav) if c.exists()), p.parent / wav)
+            rows.append({'id': uid, 'text': text, 'file': str(f)})
+    return rows, bad
+
+# %% ../nbs/01_data.ipynb #37a04dd1
+_HF_TEXT = ('text', 'sentence', 'transcript', 'transcription', 'normalized_text', 'sentences')
+
+def _hf_dataset(path: Path, split: str | None):
+    "The `datasets.Dataset` saved at `path` (a split of a saved `DatasetDict`: `split`, else its only one)."
+    try: import datasets
+    except ImportError:
+        raise ImportError("hf: data specs need the `datasets` package: pip install datasets (or fade_asr[dev])") from None
+    _need_dir(path, 'a dataset directory written by datasets save_to_disk', '/data/my_dataset')
+    try: ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path} is not a dataset saved with save_to_disk ({e}); save it with "
+                                f"Dataset.save_to_disk or use a manifest: spec") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split in ds: ds = ds[split]
+        elif len(ds) == 1: ds = next(iter(ds.values()))
+        else: raise ValueError(f"{path} holds the splits {list(ds)} but not {split!r}; name one as hf:{path / list(ds)[0]}")
+    return ds
+
+def hf_rows(path: str | os.PathLike, split: str | None = 'test'):
+    "Rows of a saved 🤗 dataset (its audio column undecoded, read by PyAV later) and the dataset itself."
+    import datasets
+    ds = _hf_dataset(Path(path), split)
+    feats = ds.features
+    audio = next((c for c, f in feats.items() if isinstance(f, datasets.Audio)), 'audio' if 'audio' in feats else None)
+    text = next((c for c in _HF_TEXT if c in feats), None)
+    if audio is None or text is None:
+        raise ValueError(f"{path}: columns {list(feats)}; need an audio column (an Audio feature or 'audio') and a text "
+                         f"column (one of {', '.join(_HF_TEXT)}); rename them with ds.rename_column")
+    if isinstance(feats[audio], datasets.Audio): ds = ds.cast_column(audio, datasets.Audio(decode=False))
+    ids = ds['id'] if 'id' in feats else [f"{i:06d}" for i in range(len(ds))]
+    rows, bad = [], []
+    for i, (uid, t) in enumerate(zip(ids, ds[text])):
+        t = (t or '').strip() if isinstance(t, str) else ''
+        if not t: bad.append((str(uid), "empty transcript")); continue
+        rows.append({'id': str(uid), 'text': t, 'hf_index': i})
+    return rows, bad, (ds, audio)
+
+# %% ../nbs/01_data.ipynb #616cd5e2
+def _resample(x: np.ndarray, sr: int, to: int = SAMPLE_RATE) -> np.ndarray:
+    "Mono float32 `x` at `sr` Hz resampled to `to` Hz with PyAV's (FFmpeg's) resampler."
+    x = np.asarray(x, np.float32)
+    if x.ndim == 2: x = x.mean(axis=0) if x.shape[0] < x.shape[1] else x.mean(axis=1)
+    if sr == to: return np.ascontiguousarray(x)
+    fr = av.AudioFrame.from_ndarray(x[None].copy(), format='fltp', layout='mono'); fr.sample_rate = int(sr)
+    rs = av.AudioResampler(format='fltp', layout='mono', rate=to)
+    out = [f.to_ndarray()[0] for f in rs.resample(fr)] + [f.to_ndarray()[0] for f in rs.resample(None)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+def _hf_audio(v) -> np.ndarray:
+    if isinstance(v, dict) and v.get('array') is not None: return _resample(v['array'], int(v['sampling_rate']))
+    if isinstance(v, dict) and v.get('bytes'):
+        with tempfile.TemporaryDirectory() as td:
+            f = Path(td) / (Path(v.get('path') or 'audio').name or 'audio')
+            f.write_bytes(v['bytes'])
+            return load_audio(f)
+    if isinstance(v, dict) and v.get('path'): return load_audio(v['path'])
+    if isinstance(v, str): return load_audio(v)
+    raise AudioError(f"cannot read an audio value of type {type(v).__name__}; expected an Audio feature, a path, "
+                     f"or {{'array', 'sampling_rate'}}")
+
+def _decode_corpus_rows(rows, source: str, hf=None) -> tuple[list[Utterance], list[tuple[str, str]]]:
+    "Decode the audio of corpus rows; failures are collected, not raised."
+    utts, skipped, talk = [], [], (None, None)
+    for r in rows:
+        try:
+            if 'hf_index' in r: a = _hf_audio(hf[0][r['hf_index']][hf[1]])
+            elif 'start' in r:
+                if talk[0] != r['file']: talk = (r['file'], load_audio(r['file']))
+                a = talk[1][int(round(r['start'] * SAMPLE_RATE)): int(round(r['end'] * SAMPLE_RATE))]
+                if len(a) == 0: raise AudioError(f"segment {r['start']}-{r['end']} s lies beyond the end of {r['file']}")
+            else: a = load_audio(r['file'])
+        except (AudioError, OSError) as e: skipped.append((r['id'], str(e))); continue
+        utts.append(Utterance(r['id'], a, r['text'], source))
+    return utts, skipped
+
+# %% ../nbs/01_data.ipynb #a5411065
+def corpus_rows(kind: str, path: str | os.PathLike, split: str | None = 'test'):
+    "List the rows of a corpus on disk (no audio decoded): `(rows, problems, hf)` (`hf`: the 🤗 dataset, else None)."
+    path = Path(path).expanduser()
+    if kind == 'librispeech': return (*librispeech_rows(path), None)
+    if kind == 'tedlium': return (*tedlium_rows(path), None)
+    if kind == 'spgispeech': return (*spgispeech_rows(path), None)
+    if kind == 'hf': return hf_rows(path, split)
+    if kind == 'manifest':
+        rows, bad = read_manifest(path)
+        if split is not None and any('split' in r for r in rows): rows = [r for r in rows if r.get('split') == split]
+        return [{'id': r['id'], 'text': r['text'], 'file': r['file']} for r in rows], bad, None
+    raise ValueError(f"unknown corpus kind {kind!r}; {_SPEC_HELP}")
+
+def load_corpus(kind: str, path: str | os.PathLike, split: str | None = 'test', limit: int | None = None,
+                name: str | None = None, pick=None) -> SpeechDataset:
+    "Load a corpus from disk (`kind` in `CORPUS_KINDS`); `limit`: the first rows only; `pick(n_rows)`: row indices to keep."
+    name = name or f"{kind}:{path}"
+    if limit is not None and limit < 1: raise ValueError(f"limit must be a positive integer, got {limit}.")
+    rows, bad, hf = corpus_rows(kind, path, split)
+    if not rows:
+        raise ValueError(f"{name}: no utterance with a transcript was found; first problems: {bad[:3] or 'none'}. "
+                         "Check the path and the corpus format (see `fade_asr.data.CORPUS_KINDS`).")
+    if pick is not None: rows = [rows[i] for i in pick(len(rows))]
+    if limit is not None: rows = rows[:limit]
+    utts, skipped = _decode_corpus_rows(rows, name, hf)
+    skipped = bad + skipped
+    _warn_skipped(name, skipped)
+    if not utts:
+        raise ValueError(f"{name}: none of the {len(rows)} utterance(s) could be loaded; first problems: {skipped[:3]}. "
+                         "Fix the audio files or the path.")
+    return SpeechDataset(utts, name=name, split=split, skipped=skipped)
 
 # %% ../nbs/01_data.ipynb #e0980f28
 def load_dataset(name: str, split: str = 'test', limit: int | None = None) -> SpeechDataset:
-    "Load split `split` ('calib', 'dev', 'test'; some sets add 'long') of the shipped set `name`."
+    "Load split `split` ('calib', 'dev', 'test'; some sets add 'long') of the shipped set `name`, or a corpus spec `kind:path`."
+    if (spec := parse_data_spec(name)) is not None: return load_corpus(*spec, split=split, limit=limit, name=name)
     _check_name(name)
     valid = sorted(dataset_info(name)['splits'])
     if split not in valid:
@@ -304,7 +521,15 @@ def load_dataset(name: str, split: str = 'test', limit: int | None = None) -> Sp
     return ds
 
 def calibration_subset(name: str, n: int, seed: int) -> SpeechDataset:
-    "Draw `n` utterances (without replacement, seeded) from the 'calib' split of shipped set `name`."
+    "Draw `n` utterances (without replacement, seeded) from the 'calib' split of shipped set `name`, or from a corpus spec."
+    if (spec := parse_data_spec(name)) is not None:      # draw among the listed rows; decode only the n drawn
+        def pick(m):
+            if not 0 < n <= m:
+                raise ValueError(f"calibration_subset: n={n} but {name!r} has {m} utterances; pick 1 <= n <= {m}.")
+            return np.sort(np.random.default_rng(seed).choice(m, size=n, replace=False))
+        sub = load_corpus(*spec, split='train' if spec[0] == 'hf' else 'calib', name=name, pick=pick)
+        sub.seed = seed
+        return sub
     ds = load_dataset(name, 'calib')
     if not 0 < n <= len(ds):
         raise ValueError(f"calibration_subset: n={n} but {name!r} has {len(ds)} calibration utterances; "

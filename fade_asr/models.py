@@ -289,7 +289,8 @@ def ct2_to_hf(ct2_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     d = _check_ct2_dir(Path(ct2_dir))
     f = read_ct2(d)
     if f.spec_name != 'WhisperSpec':
-        raise Ct2FormatError(f"{d}: CT2 spec is {f.spec_name!r}, not 'WhisperSpec'; only Whisper models convert")
+        raise Ct2FormatError(f"{d}: CT2 spec is {f.spec_name!r}, not 'WhisperSpec'; only Whisper models convert "
+                             f"from CTranslate2 (for Moonshine or Qwen3-ASR pass the 🤗 checkpoint directory instead)")
     if f.aliases.get('decoder/projection/weight', 'decoder/embeddings/weight') != 'decoder/embeddings/weight' or \
        set(f.aliases) - {'decoder/projection/weight'}:
         raise Ct2FormatError(f"{d}: unexpected aliases {f.aliases}; the output projection must be tied to the embeddings")
@@ -424,17 +425,44 @@ def family_for(model_type: str) -> ModelFamily:
     "The registered family whose `model_types` include `model_type`."
     for fam in MODEL_FAMILIES.values():
         if model_type in fam.model_types: return fam
-    raise ValueError(f"unknown model family {model_type!r}; supported: {', '.join(sorted(MODEL_FAMILIES))} "
-                     f"(model_types: {sorted(t for f in MODEL_FAMILIES.values() for t in f.model_types)})")
+    raise ValueError(f"unsupported model family {model_type!r}: fade_asr quantizes {', '.join(sorted(MODEL_FAMILIES))} "
+                     f"checkpoints (config.json model_type one of {sorted(t for f in MODEL_FAMILIES.values() for t in f.model_types)}); "
+                     f"point it at a checkpoint of one of those, or add a family with register_family and an adapter")
 
 # %% ../nbs/00_models.ipynb #efbd4930
+def _from_pretrained(cls, d: Path, dtype: torch.dtype):
+    "`cls.from_pretrained(d)` offline, refusing weights that do not match the config instead of initialising them randomly."
+    try: model, info = cls.from_pretrained(d, local_files_only=True, dtype=dtype, output_loading_info=True)
+    except RuntimeError as e:
+        if 'mismatched' not in str(e): raise
+        raise ValueError(f"the weights in {str(d)!r} do not match its config.json (tensor shapes differ; transformers "
+                         f"logged which): config and weights come from different models; re-save the checkpoint with "
+                         f"save_pretrained, or fix config.json") from None
+    bad = {k: list(info.get(k) or []) for k in ('missing_keys', 'mismatched_keys')}
+    if any(bad.values()):
+        what = '; '.join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''} ({len(v)})"
+                         for k, v in bad.items() if v)
+        raise ValueError(f"the weights in {str(d)!r} do not match its config.json ({what}): config and weights come from "
+                         f"different models; re-save the checkpoint with save_pretrained, or fix config.json")
+    return model
+
 def _load_whisper_hf(d: Path, dtype: torch.dtype = torch.float32):
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
-    model = WhisperForConditionalGeneration.from_pretrained(d, local_files_only=True, dtype=dtype)
+    model = _from_pretrained(WhisperForConditionalGeneration, d, dtype)
     proc = WhisperProcessor.from_pretrained(d, local_files_only=True)
     return model, proc
 
-register_family(ModelFamily('whisper', ('whisper',), _load_whisper_hf));
+def _auto_loader(cls_name: str):
+    "A family loader: the `transformers` class `cls_name` and the checkpoint's own `AutoProcessor`."
+    def load(d: Path, dtype: torch.dtype = torch.float32):
+        import transformers
+        model = _from_pretrained(getattr(transformers, cls_name), d, dtype)
+        return model, transformers.AutoProcessor.from_pretrained(d, local_files_only=True)
+    return load
+
+register_family(ModelFamily('whisper', ('whisper',), _load_whisper_hf))
+register_family(ModelFamily('moonshine', ('moonshine',), _auto_loader('MoonshineForConditionalGeneration')))
+register_family(ModelFamily('qwen3_asr', ('qwen3_asr',), _auto_loader('Qwen3ASRForConditionalGeneration')));
 
 # %% ../nbs/00_models.ipynb #a46dff3c
 @dataclass
@@ -451,7 +479,8 @@ class LoadedModel:
 
 # %% ../nbs/00_models.ipynb #319770af
 _EXPECT = ("a CTranslate2 Whisper directory (model.bin, config.json, tokenizer.json) or a local 🤗 checkpoint "
-           "directory (config.json with model_type, weights, processor files); None means the bundled tiny.en")
+           "directory of a Whisper, Moonshine or Qwen3-ASR model (config.json with model_type, model.safetensors, "
+           "processor files, as save_pretrained writes them); leave it out for the bundled Whisper tiny.en")
 
 def source_format(path: str | os.PathLike) -> str:
     "'ct2' or 'hf' for a model directory; a clear error for anything else."
@@ -495,10 +524,12 @@ def load_model(source: str | os.PathLike | None = None, *, cache_dir: str | os.P
     d = bundled_model_dir() if source is None else Path(source).expanduser()
     if source_format(d) == 'ct2': return _load_ct2_cached(d, cache_dir, dtype)
     mt = json.loads((d / 'config.json').read_text(encoding='utf-8'))['model_type']
-    fam = family_for(mt)
+    try: fam = family_for(mt)
+    except ValueError as e: raise ValueError(f"{d / 'config.json'}: {e}") from None
     try: model, proc = fam.load(d, dtype)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"could not load the {fam.name} checkpoint in {str(d)!r}: {e}; it needs the weights "
-                         f"(model.safetensors) and the processor files (preprocessor_config.json, tokenizer) "
-                         f"as written by save_pretrained") from e
+    except Exception as e:  # noqa: BLE001 -- transformers raises many types here; each becomes one clear message
+        if 'do not match its config.json' in str(e): raise
+        raise ValueError(f"could not load the {fam.name} checkpoint in {str(d)!r} ({type(e).__name__}: {e}); it needs "
+                         f"config.json, the weights (model.safetensors) and the processor files (preprocessor_config.json, "
+                         f"tokenizer files), as save_pretrained writes them") from e
     return LoadedModel(model.eval(), proc, fam.name, str(d))

@@ -378,8 +378,8 @@ def _sequential(fp: nn.Module, q: nn.Module, adapter: ModelAdapter, windows: lis
                         for r in collect:
                             xf, xq = fin[r], taps['q'].inp[r]
                             for j, wi in enumerate(b):
-                                sel = adapter.valid_tokens(stack, state['q'][k][1], j)
-                                a, c = xf[j][sel].reshape(-1, xf.shape[-1]), xq[j][sel].reshape(-1, xq.shape[-1])
+                                kwq = state['q'][k][1]
+                                a, c = adapter.token_rows(stack, xf, j, kwq), adapter.token_rows(stack, xq, j, kwq)
                                 try:
                                     if is_dev: dstats[r].update(fb.linear(r).weight.detach().float(), a, c)
                                     else: stats[r].update(a, c, half=0 if windows[wi].half == 'A' else 1)

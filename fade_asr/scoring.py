@@ -213,11 +213,16 @@ def _decode_rows(processor, seqs, budgets) -> list[str]:
         out.append(processor.tokenizer.decode(ids if k is None else ids[:k], skip_special_tokens=True).strip())
     return out
 
+def _adapter_for(model, processor):
+    "The model family's adapter (None for a model of no known family, e.g. a test double: it is driven as Whisper)."
+    from fade_asr.adapters import ADAPTERS, model_family, get_adapter
+    return get_adapter(model, processor) if model_family(model) in ADAPTERS else None
+
 def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int = DEFAULT_BATCH_SIZE,
                progress: bool = True, long_form: str = "window", max_new_tokens: int | None = None,
                num_threads: int | None = None, max_tokens_per_s: float | None = MAX_TOKENS_PER_S,
                **generate_kwargs) -> list[str]:
-    "Greedy-decode 16-kHz mono `audios` with a Whisper `model`; texts come back in input order."
+    "Greedy-decode 16-kHz mono `audios` with a Whisper, Moonshine or Qwen3-ASR `model`; texts come back in input order."
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if long_form not in ("window", "error"):
         raise ValueError(f"long_form must be 'window' or 'error', got {long_form!r}.")
@@ -232,15 +237,24 @@ def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int =
             pieces.append(p); owner.append(i)
     order = sorted(range(len(pieces)), key=lambda j: -len(pieces[j]))   # longest first
     gen = dict(num_beams=1, do_sample=False)
+    ad = _adapter_for(model, processor)
+    if ad is not None: gen.update(ad.generate_kwargs())     # a multilingual Whisper's language and task; else nothing
     if max_new_tokens is not None: gen["max_new_tokens"] = max_new_tokens
     gen.update(generate_kwargs)
-    fe, texts = processor.feature_extractor, [None] * len(pieces)
+    other = ad is not None and ad.family != "whisper"       # Moonshine, Qwen3-ASR: the adapter runs the batch
+    fe, texts = (None if other else processor.feature_extractor), [None] * len(pieces)
     param = next(model.parameters())
     nthreads = num_threads if num_threads is not None else _default_threads()
     with torch_threads(nthreads), torch.inference_mode(), _quiet_transformers(), \
          tqdm(total=len(pieces), desc="transcribe", disable=not progress or _quiet(), unit="seg") as bar:
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
+            if other:
+                budgets = [token_budget(len(pieces[j]), max_tokens_per_s) for j in idx]
+                g = dict(gen)
+                if budgets[0] is not None: g["max_new_tokens"] = min(budgets[0] + 1, g.get("max_new_tokens", 10**9))  # + the end token
+                for j, t in zip(idx, ad.transcribe_batch(model, [pieces[j] for j in idx], budgets, **g)): texts[j] = t
+                bar.update(len(idx)); continue
             feats = fe([pieces[j] for j in idx], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
             budgets = [token_budget(len(pieces[j]), max_tokens_per_s) for j in idx]
             g = dict(gen)

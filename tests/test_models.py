@@ -209,7 +209,7 @@ def test_ct2_dir_missing_tokenizer(tmp_path):
 
 def test_unknown_family(tmp_path):
     d = tmp_path / 'bert'; d.mkdir(); (d / 'config.json').write_text(json.dumps({'model_type': 'bert'}))
-    with pytest.raises(ValueError, match="unknown model family 'bert'; supported: whisper"):
+    with pytest.raises(ValueError, match="unsupported model family 'bert': fade_asr quantizes moonshine, qwen3_asr, whisper"):
         load_model(d)
 
 

@@ -295,7 +295,7 @@ def test_bad_inputs(tiny, calib):
         quantize(bad, calib, QuantConfig.make(method='gptq', **G32))
     with pytest.raises(ValueError, match='both halves'):
         quantize(tiny, calib[:1], QuantConfig.make(method='fade', **G32))
-    with pytest.raises(ValueError, match="unknown model family 'Linear'; supported: whisper"):
+    with pytest.raises(ValueError, match="unknown model family 'Linear'; supported: moonshine, qwen3_asr, whisper"):
         quantize(nn.Linear(2, 2), calib, QuantConfig.make(method='rtn', **G32))
     with pytest.raises(ValueError, match='unknown'):
         QuantConfig(method='awq')
