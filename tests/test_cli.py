@@ -55,17 +55,17 @@ def test_console_script_exits_zero_on_success():
 
 
 def test_quantize_end_to_end_small(tmp_path):
-    "RTN W4 on a few utterances: prints the table, saves an HF checkpoint that `eval --model` loads back."
+    "RTN W4 on a few utterances: prints the table, saves a packed checkpoint that `eval --model` loads back and runs packed."
     out = tmp_path / 'q'
     r = run_cli('quantize', '--recipe', 'rtn-w4g128', '--n-calib', '8', '--data', 'asterisk', '--limit', '3', '--out', str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert '| FP |' in r.stdout and '| rtn-w4g128 |' in r.stdout
-    for f in ('model.safetensors', 'config.json', 'report.json', 'wer.md', 'wer.json'): assert (out / f).exists(), f
+    for f in ('model.safetensors', 'config.json', 'quantize_config.json', 'report.json', 'wer.md', 'wer.json'): assert (out / f).exists(), f
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')], 'no temporary directories left behind'
     rep = json.loads((out / 'report.json').read_text())
     assert rep['method'] == 'rtn' and len(rep['layers']) > 0
     r2 = run_cli('eval', '--model', str(out), '--data', 'asterisk', '--limit', '3', '--json', str(tmp_path / 'e.json'))
     assert r2.returncode == 0, r2.stderr[-3000:]
     q = json.loads((out / 'wer.json').read_text())['results']['rtn-w4g128']['asterisk']['wer']
-    e = json.loads((tmp_path / 'e.json').read_text())['results']['FP']['asterisk']['wer']
+    e = json.loads((tmp_path / 'e.json').read_text())['results']['packed']['asterisk']['wer']
     assert q == e, 'the saved quantized model must reproduce the WER it was reported with'

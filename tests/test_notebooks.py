@@ -9,7 +9,9 @@ import nbdev.test as nbt
 import pytest
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
-NOTEBOOKS = sorted(p for p in NBS.glob("*.ipynb") if not p.name.startswith(("_", ".")))
+# the lessons in nbs/, and the tutorials and labs in its subfolders (not nbs/_proc or checkpoints)
+NOTEBOOKS = sorted(p for p in NBS.rglob("*.ipynb")
+                   if not any(part.startswith(("_", ".")) for part in p.relative_to(NBS).parts))
 
 
 def test_notebooks_exist():
@@ -17,7 +19,7 @@ def test_notebooks_exist():
     assert len(NOTEBOOKS) >= 2
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.relative_to(NBS).as_posix())
 def test_notebook_runs(nb):
     ok, secs = nbt.test_nb(nb, skip_flags=["notest", "slow"], basepath=NBS.parent)
-    assert ok, f"{nb.name} failed (see the traceback above); run `nbdev-test {nb.relative_to(NBS.parent)}` to reproduce"
+    assert ok, f"{nb.relative_to(NBS)} failed (see the traceback above); run `nbdev-test {nb.relative_to(NBS.parent)}` to reproduce"

@@ -17,7 +17,9 @@ def _hrefs(items):
 def test_sidebar_lists_every_notebook_in_order():
     cfg = yaml.safe_load((ROOT / '_quarto.yml').read_text())
     side = list(_hrefs(cfg['website']['sidebar']['contents']))
-    nbs = ['nbs/index.ipynb'] + sorted(f'nbs/{p.name}' for p in (ROOT / 'nbs').glob('[0-9][0-9]_*.ipynb'))
+    def numbered(sub=''): return sorted(f'nbs/{sub}{p.name}' for p in (ROOT / 'nbs' / sub).glob('[0-9][0-9]_*.ipynb'))
+    # reading order: home, the tutorials (start here), the lessons, then the course labs
+    nbs = ['nbs/index.ipynb'] + numbered('tutorials/') + numbered() + numbered('labs/')
     assert side == nbs, f"_quarto.yml sidebar {side} != notebooks in reading order {nbs}"
 
 
