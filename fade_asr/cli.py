@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser('quantize', help='quantize and report WER against FP (the main job)'); common(s, 'fade-w3g128')
     s.add_argument('--out', default=None, help='output dir (default: fade-asr-out/RECIPE-seedN)')
     s.add_argument('--save', choices=('packed', 'fake'), default='packed', help='packed low-bit checkpoint (GPTQ layout) or fake-quantized fp32 weights')
-    s.add_argument('--scales', choices=('float16', 'float32'), default='float16', help='dtype of the stored scales (float32: bit-identical to the fake-quantized model)')
+    s.add_argument('--scales', choices=('float16', 'float32'), default='float32', help='dtype of the stored scales (default float32: bit-identical to the fake-quantized model, and what was evaluated; float16: what GPTQ kernels compute with)')
     s.add_argument('--checkpoint-format', choices=('v1', 'v2'), default='v1', help='GPTQ checkpoint format: v1 stores zero-1 (AutoGPTQ, transformers), v2 zero (GPTQModel)')
     s.add_argument('--backend', choices=('auto', 'torch', 'cupy'), default=None, help='packed matmul backend (default: $FADE_ASR_BACKEND or auto: CuPy on a GPU, else torch)')
     s.set_defaults(fn=cmd_quantize)

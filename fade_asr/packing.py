@@ -345,7 +345,9 @@ def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = Fal
         sd, tied = _dedupe(model.state_dict())
         save_file(sd, str(tmp / WEIGHTS), metadata={'format': 'pt', 'fade_asr': 'packed', 'tied': json.dumps(tied)})
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2))
-        if hasattr(model, 'config'): model.config.save_pretrained(tmp)
+        if hasattr(model, 'config'):
+            model.config.architectures = [type(model).__name__]      # the class to rebuild, as save_pretrained records it
+            model.config.save_pretrained(tmp)
         if getattr(model, 'generation_config', None) is not None: model.generation_config.save_pretrained(tmp)
         if processor is not None: processor.save_pretrained(tmp)
         for k, v in (extra or {}).items(): (tmp / k).write_text(v)
@@ -373,9 +375,28 @@ def read_packed_tensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated or "
                          f"corrupt: re-create it with `fade-asr quantize` (writes are atomic, so a partial copy is the usual cause)") from None
 
+def _model_class(config):
+    "The `transformers` class a saved config names (`architectures`), else the speech seq2seq auto class."
+    import transformers
+    for name in getattr(config, 'architectures', None) or []:
+        if hasattr(transformers, name): return getattr(transformers, name)
+    return transformers.AutoModelForSpeechSeq2Seq
+
+def _fill_computed_buffers(model: nn.Module, cls, config, stored: set):
+    """Non-persistent buffers (rotary `inv_freq`, sinusoid position tables) are computed in `__init__`, never
+    stored, so a model built on the meta device lacks them: take them from one model built on the CPU."""
+    todo = [n for n, b in model.named_buffers() if b.device.type == 'meta' and n not in stored]
+    if not todo: return
+    build = cls.from_config if cls.__name__.startswith('Auto') else cls._from_config
+    ref = dict(build(config).named_buffers())
+    for n in todo:
+        if n not in ref: continue
+        mod, _, leaf = n.rpartition('.')
+        model.get_submodule(mod)._buffers[leaf] = ref[n]
+
 def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32):
     "Load a packed checkpoint directory: returns (model with `QuantLinear`s, processor or None)."
-    from transformers import AutoConfig, AutoModelForSpeechSeq2Seq, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
     d = Path(path)
     if not is_packed_dir(d): raise FileNotFoundError(f"{d} is not a packed checkpoint (no {QUANTIZE_CONFIG}); write one with `fade-asr quantize`")
     try: qc = json.loads((d / QUANTIZE_CONFIG).read_text())
@@ -385,8 +406,10 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
     bits, gs, fmt = int(qc['bits']), int(qc['group_size']), ours.get('format', 'v1')
     sd = read_packed_tensors(d / WEIGHTS)
     config = AutoConfig.from_pretrained(d, local_files_only=True)
+    cls = _model_class(config)
+    build = cls.from_config if cls.__name__.startswith('Auto') else cls._from_config
     with torch.device('meta'):
-        model = AutoModelForSpeechSeq2Seq.from_config(config, dtype=dtype)
+        model = build(config, dtype=dtype)
     for name in ours['modules']:
         parent, leaf = _get_parent(model, name)
         lin = getattr(parent, leaf, None)
@@ -403,6 +426,7 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
                          f"first: {(problems + unexpected)[0]}); the weights and {QUANTIZE_CONFIG} come from different runs: re-run `fade-asr quantize`")
     model.load_state_dict(sd, strict=False, assign=True)
     if hasattr(model, 'tie_weights'): model.tie_weights()                 # e.g. Whisper's proj_out, stored once
+    _fill_computed_buffers(model, cls, config, set(expect))
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == 'meta']
     if missing: raise ValueError(f"{d / WEIGHTS} lacks {len(missing)} tensor(s) the model needs (first: {missing[0]}); "
                                  f"the file is incomplete or from another model: re-run `fade-asr quantize`")

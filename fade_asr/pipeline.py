@@ -235,9 +235,17 @@ def _split_half(W, st, cfg: QuantConfig, name: str) -> tuple[float, float]:
     cos = float((dA.double().flatten() @ dB.double().flatten()) / (na * nb)) if na > 0 and nb > 0 else float('nan')
     return r_calib(dA, dB), cos     # cos is NaN where a correction is zero (no upstream error: delta = 0)
 
+def _gptq_solver(W: torch.Tensor):
+    "GPTQ for `W`: on a CUDA device, `kernels.gptq_gpu` (the fused block kernel of `13_kernels`, same contract; it falls back itself where the kernel does not apply), else `gptq.gptq`."
+    if W.is_cuda:
+        from fade_asr.kernels import gptq_gpu
+        return gptq_gpu
+    from fade_asr.gptq import gptq
+    return gptq
+
 def _solve(W: torch.Tensor, mom, cfg: QuantConfig, alpha: float, name: str):
     "The quantized layer for `W` from its moments `mom` (H, C) under `cfg.method` (α for qep/fade)."
-    from fade_asr.gptq import gptq
+    gptq = _gptq_solver(W)
     if cfg.method == 'rtn': return rtn(W, cfg.spec)
     Wt = W
     if cfg.method in ('qep', 'fade', 'oracle'):
@@ -278,7 +286,7 @@ class _DevStats:
 def _oracle_solve(W: torch.Tensor, mom, dev: _DevStats, cfg: QuantConfig, name: str):
     "Solve the layer for every α of `cfg.oracle_grid` on the calibration moments `mom`; keep the least dev error. Returns (α, result, curve)."
     from fade_asr.qep import qep_delta
-    from fade_asr.gptq import gptq
+    gptq = _gptq_solver(W)
     from fade_asr.quantizer import compute_dtype
     dt, D, best, curve, err = compute_dtype(W, mom.H, mom.C), None, None, [], dev.error_fn(W)
     for a in cfg.oracle_grid:

@@ -148,3 +148,18 @@ def test_english_only_whisper_gets_no_language():
     m.generate = spy
     transcribe(m, whisper_default_processor(m), [utterances(1)[0].audio], progress=False)
     assert 'language' not in seen and 'task' not in seen
+
+
+def test_packed_checkpoint_round_trip(family, tmp_path):
+    "quantize -> pack -> save -> load_packed gives the same transcripts (non-persistent buffers such as rotary tables rebuilt)."
+    from fade_asr.packing import load_packed, pack_model, quantize_packed, save_packed
+    name, m, proc = family
+    q, _, sols = quantize_packed(m, utterances(), QuantConfig.make(bits=4, group_size=32, method='gptq'), processor=proc,
+                                 progress=False)
+    q = pack_model(q, sols, scale_dtype=torch.float32)
+    save_packed(q, tmp_path / 'p', proc)
+    back, bproc = load_packed(tmp_path / 'p')
+    assert type(back) is type(q)
+    audios = [u.audio for u in utterances(3)]
+    assert transcribe(back, proc, audios, progress=False, max_tokens_per_s=4) == \
+           transcribe(q, proc, audios, progress=False, max_tokens_per_s=4)

@@ -435,3 +435,12 @@ def test_real_tiny_en_fade(real):
     ref = set(cal[0].text.lower().replace(',', '').replace('.', '').split())
     got = set(hyp.lower().replace(',', '').replace('.', '').split())
     assert len(ref & got) >= 0.5 * len(ref), (hyp, cal[0].text)
+
+
+def test_gptq_solver_dispatch():
+    "CPU weights take the torch GPTQ loop; CUDA weights would take the fused block kernel (13_kernels)."
+    from fade_asr import gptq as g, kernels as k
+    from fade_asr.pipeline import _gptq_solver
+    assert _gptq_solver(torch.zeros(2, 2)) is g.gptq
+    if torch.cuda.is_available():
+        assert _gptq_solver(torch.zeros(2, 2, device='cuda')) is k.gptq_gpu
