@@ -26,22 +26,13 @@ def evaluate_models(models: dict, datasets: dict, batch_size: int | None = None,
 # %% ../nbs/11_cli.ipynb #d63b2f10
 def save_quantized(model, processor, report, out_dir, table: str | None = None) -> Path:
     "Atomically save `model`+`processor` as an HF checkpoint in `out_dir`, with `report.json` and `wer.md`."
-    import shutil, tempfile
-    from fade_asr.data import atomic_write_text
-    out = Path(out_dir); out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
-    try:
+    from fade_asr.data import atomic_dir, atomic_write_text
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         if report is not None: report.to_json(tmp/'report.json')
         if table: atomic_write_text(tmp/'wer.md', table)
-        if out.exists():
-            old = out.with_name(f'.{out.name}.old'); shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old); os.replace(tmp, out); shutil.rmtree(old, ignore_errors=True)
-        else: os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
-    return out
+    return Path(out_dir)
 
 # %% ../nbs/11_cli.ipynb #1aae3639
 def render_readme(nb_path) -> str:

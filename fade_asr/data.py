@@ -17,13 +17,13 @@ import numpy as np
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'SPLITS', 'CORPUS_KINDS', 'ASTERISK_PACKAGES', 'ASTERISK_FRACTIONS', 'STRINGR_PACKAGE',
            'HARVARD_FRACTIONS', 'Utterance', 'SpeechDataset', 'AudioError', 'AudioFileNotFound', 'load_audio',
-           'save_audio', 'atomic_write_text', 'write_manifest', 'read_manifest', 'load_manifest', 'text_key',
-           'assign_splits', 'data_dir', 'shipped_datasets', 'dataset_info', 'parse_data_spec', 'librispeech_rows',
-           'tedlium_text', 'tedlium_rows', 'spgispeech_rows', 'hf_rows', 'corpus_rows', 'load_corpus', 'load_dataset',
-           'calibration_subset', 'parse_asterisk_transcripts', 'clean_prompt_text', 'select_prompts',
-           'fetch_debian_packages', 'summarize_rows', 'finalize_set', 'build_asterisk', 'read_r_lazyload',
-           'piper_synthesizer', 'festival_synthesizer', 'select_sentences', 'build_harvard', 'build_all',
-           'check_split_disjoint']
+           'save_audio', 'atomic_write_text', 'atomic_dir', 'write_manifest', 'read_manifest', 'load_manifest',
+           'text_key', 'assign_splits', 'data_dir', 'shipped_datasets', 'dataset_info', 'parse_data_spec',
+           'librispeech_rows', 'tedlium_text', 'tedlium_rows', 'spgispeech_rows', 'hf_rows', 'corpus_rows',
+           'load_corpus', 'load_dataset', 'calibration_subset', 'parse_asterisk_transcripts', 'clean_prompt_text',
+           'select_prompts', 'fetch_debian_packages', 'summarize_rows', 'finalize_set', 'build_asterisk',
+           'read_r_lazyload', 'piper_synthesizer', 'festival_synthesizer', 'select_sentences', 'build_harvard',
+           'build_all', 'check_split_disjoint']
 
 # %% ../nbs/01_data.ipynb #657275f3
 SAMPLE_RATE = 16_000  # Whisper, Moonshine and Qwen3-ASR all take 16-kHz mono
@@ -178,6 +178,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
     return path
+
+from contextlib import contextmanager
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike):
+    """Build a directory in a temporary sibling (yielded) and move it into place on success: `out_dir` is always
+    either the old complete directory or the new complete one, never half written; on error nothing changes."""
+    out = Path(out_dir); out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f'.{out.name}.old'); shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old); os.replace(tmp, out); shutil.rmtree(old, ignore_errors=True)
+        else: os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True); raise
 
 def write_manifest(rows: Sequence[dict], path: str | os.PathLike):
     "Validate `rows` (each needs `id`, `file`, non-empty `text`; ids unique) and write them as JSONL, atomically."

@@ -339,9 +339,8 @@ def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = Fal
     "Atomically write a packed model (from `pack_model`) to `out_dir`: model.safetensors, config.json, quantize_config.json, processor files, and `extra` {file name: text}."
     from safetensors.torch import save_file
     qc = quantize_config(model, act_order)
-    out = Path(out_dir); out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
-    try:
+    from fade_asr.data import atomic_dir
+    with atomic_dir(out_dir) as tmp:
         sd, tied = _dedupe(model.state_dict())
         save_file(sd, str(tmp / WEIGHTS), metadata={'format': 'pt', 'fade_asr': 'packed', 'tied': json.dumps(tied)})
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2))
@@ -351,13 +350,7 @@ def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = Fal
         if getattr(model, 'generation_config', None) is not None: model.generation_config.save_pretrained(tmp)
         if processor is not None: processor.save_pretrained(tmp)
         for k, v in (extra or {}).items(): (tmp / k).write_text(v)
-        if out.exists():
-            old = out.with_name(f'.{out.name}.old'); shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old); os.replace(tmp, out); shutil.rmtree(old, ignore_errors=True)
-        else: os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
-    return out
+    return Path(out_dir)
 
 # %% ../nbs/12_packing.ipynb #625424d5
 def is_packed_dir(path) -> bool:

@@ -326,3 +326,15 @@ def test_clean_prompt_text_properties(t):
     c = D.clean_prompt_text(t)
     assert c == c.strip() and '  ' not in c and '#' not in c and '*' not in c
     assert D.clean_prompt_text(c) == c or any(b in c for b in '[]()<>')
+
+
+def test_atomic_dir_keeps_the_old_directory_on_failure(tmp_path):
+    from fade_asr.data import atomic_dir
+    out = tmp_path / 'ckpt'
+    with atomic_dir(out) as d: (d / 'a.txt').write_text('v1')
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as d:
+            (d / 'a.txt').write_text('half'); raise RuntimeError('crash mid-write')
+    assert (out / 'a.txt').read_text() == 'v1' and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+    with atomic_dir(out) as d: (d / 'b.txt').write_text('v2')
+    assert sorted(p.name for p in out.iterdir()) == ['b.txt']
