@@ -76,7 +76,7 @@ def cmd_eval(a):
         from fade_asr.pipeline import quantize
         from fade_asr.recipes import load_recipe
         from fade_asr.data import calibration_subset
-        cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib)
+        cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib, calib_data=a.calib_data)
         qm, _ = quantize(lm.model, calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed), cfg, processor=lm.processor)
         models = {a.recipe: (qm, lm.processor)}
     res = evaluate_models(models, ds, batch_size=a.batch_size)
@@ -94,7 +94,7 @@ def cmd_quantize(a):
     from fade_asr.scoring import results_table, results_json
     from fade_asr.data import atomic_write_text
     from fade_asr.packing import quantize_packed, pack_model, save_packed
-    cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib)
+    cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib, calib_data=a.calib_data)
     if cfg.method == 'fp' and a.save == 'packed':
         raise ValueError("recipe 'fp' quantizes nothing to pack; pick a quantization recipe (see `fade-asr recipes`)")
     lm = load_model(a.model)
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument('--limit', type=int, default=None, help='at most this many test utterances per data set')
         s.add_argument('--seed', type=int, default=None, help='calibration seed (default: the recipe\'s)')
         s.add_argument('--n-calib', type=int, default=None, help='calibration utterances (default: the recipe\'s)')
+        s.add_argument('--calib-data', default=None, help="calibration data: a shipped set or a corpus spec such as librispeech:/data/LibriSpeech/train-clean-100 (default: the recipe's)")
         s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
     s = sub.add_parser('quantize', help='quantize and report WER against FP (the main job)'); common(s, 'fade-w3g128')
     s.add_argument('--out', default=None, help='output dir (default: fade-asr-out/RECIPE-seedN)')

@@ -32,6 +32,7 @@ def test_every_shipped_recipe_loads():
     (['quantize', '--recipe', 'no-such-recipe'], 'unknown recipe'),
     (['eval', '--data', 'no-such-set', '--limit', '1'], 'no-such-set'),
     (['bench', '--shard', '2/2'], 'need 0 <= i < n'),
+    (['quantize', '--calib-data', 'libri:/x', '--limit', '1'], "unknown corpus kind 'libri'"),
     (['bench', '--shard', 'half'], 'write it as i/n'),
 ])
 def test_clear_errors(args, msg):
