@@ -201,14 +201,9 @@ class ModelAdapter:
         raise NotImplementedError(f"the {self.family} adapter cannot transcribe")
 
     def _decode_rows(self, rows, budgets) -> list[str]:
-        "Text of generated id rows: special tokens dropped, at most the row's budget of text tokens."
-        tok = self.proc.tokenizer
-        special = set(tok.all_special_ids)
-        out = []
-        for row, k in zip(rows, budgets):
-            ids = [t for t in row if t not in special]
-            out.append(tok.decode(ids if k is None else ids[:k], skip_special_tokens=True).strip())
-        return out
+        "Text of generated id rows: special tokens dropped, at most the row's budget of text tokens (as for Whisper)."
+        from fade_asr.scoring import _decode_rows
+        return _decode_rows(self.proc, rows, budgets)
 
 # %% ../nbs/07_adapters.ipynb #971e0932
 def _bundled_en_tokenizer():

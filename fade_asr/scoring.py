@@ -205,10 +205,10 @@ def token_budget(n_samples: int, per_s: float | None = MAX_TOKENS_PER_S, floor: 
     return math.ceil(per_s * n_samples / SAMPLE_RATE) + floor
 
 def _decode_rows(processor, seqs, budgets) -> list[str]:
-    "Decode each row of generated ids, keeping at most its budget of non-special tokens."
+    "Decode each row of generated ids (a tensor or lists), keeping at most its budget of non-special tokens."
     special = set(processor.tokenizer.all_special_ids)
     out = []
-    for row, k in zip(seqs.tolist(), budgets):
+    for row, k in zip(seqs.tolist() if hasattr(seqs, "tolist") else seqs, budgets):
         ids = [t for t in row if t not in special]
         out.append(processor.tokenizer.decode(ids if k is None else ids[:k], skip_special_tokens=True).strip())
     return out
@@ -249,21 +249,17 @@ def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int =
          tqdm(total=len(pieces), desc="transcribe", disable=not progress or _quiet(), unit="seg") as bar:
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
-            if other:
-                budgets = [token_budget(len(pieces[j]), max_tokens_per_s) for j in idx]
-                g = dict(gen)
-                if budgets[0] is not None: g["max_new_tokens"] = min(budgets[0] + 1, g.get("max_new_tokens", 10**9))  # + the end token
-                for j, t in zip(idx, ad.transcribe_batch(model, [pieces[j] for j in idx], budgets, **g)): texts[j] = t
-                bar.update(len(idx)); continue
-            feats = fe([pieces[j] for j in idx], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
             budgets = [token_budget(len(pieces[j]), max_tokens_per_s) for j in idx]
             g = dict(gen)
             if budgets[0] is not None:   # longest piece first, so budgets[0] is the batch's largest
-                g["max_new_tokens"] = min(budgets[0] + 4, g.get("max_new_tokens", 10**9))   # + the prompt's tokens
-            out = model.generate(feats.to(device=param.device, dtype=param.dtype), **g)
-            seqs = out.sequences if hasattr(out, "sequences") else out
-            for j, t in zip(idx, _decode_rows(processor, seqs, budgets)):
-                texts[j] = t
+                g["max_new_tokens"] = min(budgets[0] + 4, g.get("max_new_tokens", 10**9))   # + prompt/end tokens
+            if other:
+                batch = ad.transcribe_batch(model, [pieces[j] for j in idx], budgets, **g)
+            else:
+                feats = fe([pieces[j] for j in idx], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+                out = model.generate(feats.to(device=param.device, dtype=param.dtype), **g)
+                batch = _decode_rows(processor, out.sequences if hasattr(out, "sequences") else out, budgets)
+            for j, t in zip(idx, batch): texts[j] = t
             bar.update(len(idx))
     res = [[] for _ in audios]
     for j, i in enumerate(owner): res[i].append(texts[j])
