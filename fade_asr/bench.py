@@ -13,6 +13,7 @@ __all__ = ['BENCH_TEST_FRACTION', 'BenchMethod', 'default_methods', 'bench_test_
 import itertools, json, math, os, resource, time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -90,8 +91,10 @@ def _select(ms: list[BenchMethod], labels) -> list[BenchMethod]:
     return [known[l] for l in labels]
 
 def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=None, limit=None, batch_size=None,
-              model=None, fraction: float = BENCH_TEST_FRACTION, shard: tuple[int, int] = (0, 1)) -> list[dict]:
-    "Run (or resume) the whole grid, or the `shard=(i, n)`-th share of it; returns the records of the runs it visited."
+              model=None, fraction: float = BENCH_TEST_FRACTION, shard: tuple[int, int] = (0, 1),
+              suite: Callable[[int], list[BenchMethod]] = default_methods) -> list[dict]:
+    """Run (or resume) the whole grid, or the `shard=(i, n)`-th share of it; returns the records of the runs it visited.
+    `suite(bits)` lists the methods (default: the weight-only suite; `stablequant.act_methods`: the activation suite)."""
     from tqdm.auto import tqdm
     from fade_asr.models import load_model
     from fade_asr.data import load_dataset, shipped_datasets
@@ -101,7 +104,7 @@ def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=N
     datasets = {d: bench_test_set(d, fraction, limit) for d in (data or shipped_datasets())}
     # seed-major order: an interrupted benchmark has every method and bit width for the first seeds,
     # not every seed of one method
-    todo = [(m, b, s) for s in seeds for b in bits for m in _select(default_methods(b), methods) if m.seeded or s == min(seeds)]
+    todo = [(m, b, s) for s in seeds for b in bits for m in _select(suite(b), methods) if m.seeded or s == min(seeds)]
     recs = []
     for m, b, s in tqdm(todo[i::n], desc='benchmark runs', disable=bool(os.environ.get('FADE_ASR_QUIET'))):
         recs.append(run_one(lm, m, b, s, datasets, out_dir, batch_size, limit, fraction))
@@ -119,11 +122,11 @@ def _errs(rec, ds):
 def _by(runs, label, bits):
     return [r for r in runs if r['label'] == label and r['bits'] == bits]
 
-def summary_rows(runs, k_worst: int = 3, baseline: str = 'GPTQ') -> list[dict]:
+def summary_rows(runs, k_worst: int = 3, baseline: str = 'GPTQ', methods: Callable[[int], list[BenchMethod]] = default_methods) -> list[dict]:
     "One row per (bits, method, data set): mean/std WER over seeds, WER without the k worst utterances."
     rows = []
     for bits in sorted({r['bits'] for r in runs}):
-        order = [m.label for m in default_methods(bits)]     # the methods' own order, then any others
+        order = [m.label for m in methods(bits)]     # the suite's own order, then any others
         labels = sorted(dict.fromkeys(r['label'] for r in runs if r['bits'] == bits),
                         key=lambda l: order.index(l) if l in order else len(order))
         for label in labels:
@@ -142,18 +145,19 @@ def summary_rows(runs, k_worst: int = 3, baseline: str = 'GPTQ') -> list[dict]:
                                  quant_seconds=float(np.mean([r['quant_seconds'] for r in rs]))))
     return rows
 
-def summary_table(runs, k_worst: int = 3) -> str:
+def summary_table(runs, k_worst: int = 3, methods: Callable[[int], list[BenchMethod]] = default_methods, show_bits: bool = True) -> str:
     "Markdown: WER % mean ± std over seeds per method and data set, and without the k worst utterances."
-    rows = summary_rows(runs, k_worst)
+    rows = summary_rows(runs, k_worst, methods=methods)
     dss = list(dict.fromkeys(r['dataset'] for r in rows))
-    out = ['| bits | method | seeds | ' + ' | '.join(f'{d} WER % | {d} excl. {k_worst} worst' for d in dss) + ' |',
-           '|---|---|---:|' + '---:|---:|' * len(dss)]
+    b0, b1 = ('| bits ', '|---') if show_bits else ('', '')
+    out = [b0 + '| method | seeds | ' + ' | '.join(f'{d} WER % | {d} excl. {k_worst} worst' for d in dss) + ' |',
+           b1 + '|---|---:|' + '---:|---:|' * len(dss)]
     for (bits, label), grp in itertools.groupby(rows, key=lambda r: (r['bits'], r['label'])):
         grp = {r['dataset']: r for r in grp}
         first = next(iter(grp.values()))
         pm = lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if r['n_seeds'] > 1 else f"{r['mean']:.2f}"   # one seed: no std
         cells = [f"{pm(grp[d])} | {grp[d]['excl_worst']:.2f}" if d in grp else '– | –' for d in dss]
-        out.append(f"| W{bits} | {label} | {first['n_seeds']} | " + ' | '.join(cells) + ' |')
+        out.append((f"| W{bits} " if show_bits else '') + f"| {label} | {first['n_seeds']} | " + ' | '.join(cells) + ' |')
     return '\n'.join(out)
 
 # %% ../nbs/10_benchmark.ipynb #1145990b

@@ -44,7 +44,7 @@ class QuantConfig:
     fade_norm: str = 'diagnostic'        # how R_calib is normalised: 'diagnostic' (two passes) | 'noise_floor'
     alpha_override: dict[str, float] = field(default_factory=dict)  # fixed per-layer alpha; name or pattern (wins over every method's choice)
     oracle_grid: tuple[float, ...] = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # oracle ablation: the alphas tried per layer (FADE's range)
-    oracle_dev: str = 'dev'              # oracle ablation: split of calib_data its alphas are chosen on (never 'test')
+    dev_split: str = 'dev'               # split of calib_data that the oracle's alphas and StableQuant's choices are made on (never 'test')
     pack: bool = True                    # pack utterances into 30-s windows
     teacher: str = 'reference'           # decoder teacher forcing: 'reference' text | 'greedy' FP transcript
     n_calib: int = 128
@@ -55,6 +55,13 @@ class QuantConfig:
     batch_size: int = 8                  # windows per encoder forward
     fp_cache_mb: int = 2048              # keep the FP twin's per-block linear inputs up to this size (0: re-run the FP block)
     name: str = ''                       # recipe name, for the report
+    act_bits: int = 0                    # activation bits (0: float activations); static per-tensor symmetric clips
+    act_calib: str = 'stablequant'       # how the clips are chosen: max | percentile | mse | stablequant
+    act_percentile: float = 0.01         # 'percentile': % of |x| clipped
+    act_gamma: float = 0.25              # StableQuant stage 1: flag a layer whose dev WER rises more than this (points)
+    act_grid: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # StableQuant stage 2: clip percentiles (%)
+    act_n_calib: int = 32                # calibration utterances whose activations set the clips (the first ones)
+    act_n_dev: int = 24                  # dev utterances for StableQuant's stages (0: the whole dev split)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -75,9 +82,24 @@ class QuantConfig:
         self.oracle_grid = tuple(float(a) for a in ((g,) if isinstance(g, (int, float, str)) else (g or ())))
         if not self.oracle_grid or not all(0.0 <= a <= 1.0 for a in self.oracle_grid):
             raise ValueError(f"oracle_grid={self.oracle_grid} must be a non-empty list of alphas in [0, 1], e.g. (0.0, 0.15, ..., 0.9)")
-        if self.oracle_dev == 'test':
-            raise ValueError("oracle_dev='test' would choose the oracle's alphas on the test data; use a held-out split such as 'dev'")
+        if self.dev_split == 'test':
+            raise ValueError("dev_split='test' would make choices (the oracle's alphas, StableQuant's layers) on the test data; use a held-out split such as 'dev'")
         if self.batch_size < 1 or self.blocksize < 1: raise ValueError("batch_size and blocksize must be >= 1")
+        self._check_act()
+
+    def _check_act(self):
+        "Validate the activation fields (see `fade_asr.actquant` and `fade_asr.stablequant`)."
+        from fade_asr.actquant import ACT_CALIBRATIONS, act_qmax
+        if self.act_bits: act_qmax(self.act_bits)
+        if self.act_calib not in ACT_CALIBRATIONS:
+            raise ValueError(f"act_calib {self.act_calib!r} is unknown; use one of {', '.join(ACT_CALIBRATIONS)}")
+        g = self.act_grid
+        self.act_grid = tuple(float(a) for a in ((g,) if isinstance(g, (int, float, str)) else (g or ())))
+        if not self.act_grid or not all(0.0 <= p <= 0.5 for p in self.act_grid):
+            raise ValueError(f"act_grid={self.act_grid} must be a non-empty list of clip percentiles in [0, 0.5] %, e.g. (0, 0.01, 0.1, 0.5)")
+        if not 0 <= self.act_percentile < 100: raise ValueError(f"act_percentile={self.act_percentile} must lie in [0, 100) (% of |x| clipped)")
+        if self.act_gamma < 0: raise ValueError(f"act_gamma={self.act_gamma} must be >= 0 (WER points)")
+        if self.act_n_calib < 1 or self.act_n_dev < 0: raise ValueError("act_n_calib must be >= 1 and act_n_dev >= 0 (0: the whole dev split)")
 
     @classmethod
     def make(cls, bits: int = 4, group_size: int = 128, sym: bool = False, mse: bool = False, **kw) -> QuantConfig:
@@ -131,6 +153,7 @@ class QuantReport:
     seconds: float = 0.0
     diagnostic_seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    act: dict = field(default_factory=dict)           # activation quantization (act_bits > 0): clips, StableQuant's stages
 
     def __getitem__(self, name: str) -> LayerRecord:
         for r in self.layers:
@@ -461,20 +484,29 @@ def _dev_windows(adapter: ModelAdapter, dev, cfg: QuantConfig, model: nn.Module)
     "The oracle's dev windows (packed and prepared as calibration windows, tagged half='dev'); loads the dev split if `dev` is None."
     if dev is None:
         from fade_asr.data import load_dataset
-        dev = load_dataset(cfg.calib_data, split=cfg.oracle_dev)
+        dev = load_dataset(cfg.calib_data, split=cfg.dev_split)
     dev = list(dev)
     if not dev:
         raise ValueError("the oracle's dev set is empty; pass dev= utterances to quantize(), or leave it out to use "
-                         f"the {cfg.oracle_dev!r} split of {cfg.calib_data!r}")
+                         f"the {cfg.dev_split!r} split of {cfg.calib_data!r}")
     wins = [copy.copy(w) for w in prepare_windows(adapter, dev, cfg, model)]   # copies: the caller's windows keep their half
     for w in wins: w.half = 'dev'
     return wins
 
 # %% ../nbs/08_pipeline.ipynb #764893a9
+def _quantize_acts(qmodel, model, processor, calib, cfg: QuantConfig, rep: QuantReport, weight_layers, dev, progress):
+    "Activation quantization after the weights (`act_bits` > 0): fills `rep.act`."
+    from fade_asr.stablequant import quantize_activations
+    if calib is None or len(calib) == 0:
+        raise ValueError("the calibration set is empty; activation clips need calibration utterances, e.g. data.calibration_subset('asterisk', n=32, seed=0)")
+    proc = get_adapter(model, processor).proc
+    rep.act = quantize_activations(qmodel, proc, calib, cfg, weight_layers, dev=dev, progress=progress)
+
 def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *, processor=None, progress: bool = True,
              callback: Callable | None = None, dev=None, **overrides) -> tuple[nn.Module, QuantReport]:
     """Quantize a copy of `model` with `config` (a `QuantConfig`, or a recipe name) on calibration utterances `calib`
-    (`dev`: the oracle's dev utterances; default the `oracle_dev` split of `calib_data`).
+    (`dev`: the dev utterances of the oracle and of StableQuant; default the `dev_split` split of `calib_data`).
+    A config with `act_bits` > 0 then quantizes the activations too (`stablequant.quantize_activations`).
     Returns the quantized copy and a `QuantReport`; `model` itself is never modified."""
     if isinstance(config, str):
         from fade_asr.recipes import load_recipe
@@ -484,8 +516,10 @@ def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *
     cfg, t0 = config, time.time()
     rep = QuantReport(cfg.method, cfg.to_dict())
     if cfg.method == 'fp':
+        qmodel = copy.deepcopy(model).eval()
+        if cfg.act_bits: _quantize_acts(qmodel, model, processor, calib, cfg, rep, [], dev, progress)
         rep.seconds, rep.peak_rss_mb = time.time() - t0, _peak_rss_mb()
-        return copy.deepcopy(model).eval(), rep
+        return qmodel, rep
     if calib is None or len(calib) == 0:
         raise ValueError("the calibration set is empty; pass utterances, e.g. data.calibration_subset('asterisk', n=128, seed=0)")
     adapter = get_adapter(model, processor, include=cfg.include, exclude=cfg.exclude)
@@ -541,5 +575,6 @@ def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *
     for k, rec in records.items():
         rec.v_int, rec.v_int_z, rec.r_z = v_raw[k], float(v_z[k]), float(r_z.get(k, float('nan')))
     rep.layers = list(records.values())
+    if cfg.act_bits: _quantize_acts(qmodel, model, processor, calib, cfg, rep, list(records), dev, progress)
     rep.seconds, rep.peak_rss_mb = time.time() - t0, _peak_rss_mb()
     return qmodel, rep

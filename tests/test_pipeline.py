@@ -256,7 +256,7 @@ def test_oracle_never_reads_test_data(monkeypatch, tiny, calib, dev_utts):
     _, rep = quantize(tiny, calib, QuantConfig.make(method='oracle', **G32), progress=False)
     assert calls == [('asterisk', 'dev')] and rep.n_dev_utterances == 2
     with pytest.raises(ValueError, match='test data'):
-        QuantConfig(method='oracle', oracle_dev='test')
+        QuantConfig(method='oracle', dev_split='test')
     with pytest.raises(ValueError, match='dev set is empty'):
         quantize(tiny, calib, QuantConfig.make(method='oracle', **G32), dev=[], progress=False)
     calls.clear()
