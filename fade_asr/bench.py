@@ -13,7 +13,7 @@ __all__ = ['BENCH_TEST_FRACTION', 'BenchMethod', 'default_methods', 'bench_test_
 import itertools, json, math, os, resource, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -82,13 +82,14 @@ def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, b
     return rec
 
 # %% ../nbs/10_benchmark.ipynb #1f1b39f3
-def _select(ms: list[BenchMethod], labels) -> list[BenchMethod]:
-    "The methods of `ms` whose labels are in `labels` (all when `labels` is None), with a clear error for unknown labels."
+def _select(ms: list[BenchMethod], labels, every: Sequence[str] | None = None) -> list[BenchMethod]:
+    """The methods of `ms` whose labels are in `labels` (all when `labels` is None), in `ms`'s order; a label that is in
+    none of the bit widths' lists (`every`, default `ms`'s labels) is an error that lists the valid ones."""
     if labels is None: return ms
-    known = {m.label: m for m in ms}
-    bad = [l for l in labels if l not in known]
-    if bad: raise ValueError(f"unknown benchmark method(s) {bad}; choose from {list(known)}")
-    return [known[l] for l in labels]
+    every = list(dict.fromkeys(every or [m.label for m in ms]))
+    bad = [l for l in labels if l not in every]
+    if bad: raise ValueError(f"unknown benchmark method(s) {bad}; choose from {every}")
+    return [m for m in ms if m.label in labels]
 
 def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=None, limit=None, batch_size=None,
               model=None, fraction: float = BENCH_TEST_FRACTION, shard: tuple[int, int] = (0, 1),
@@ -104,7 +105,8 @@ def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=N
     datasets = {d: bench_test_set(d, fraction, limit) for d in (data or shipped_datasets())}
     # seed-major order: an interrupted benchmark has every method and bit width for the first seeds,
     # not every seed of one method
-    todo = [(m, b, s) for s in seeds for b in bits for m in _select(suite(b), methods) if m.seeded or s == min(seeds)]
+    every = [m.label for b in bits for m in suite(b)]
+    todo = [(m, b, s) for s in seeds for b in bits for m in _select(suite(b), methods, every) if m.seeded or s == min(seeds)]
     recs = []
     for m, b, s in tqdm(todo[i::n], desc='benchmark runs', disable=bool(os.environ.get('FADE_ASR_QUIET'))):
         recs.append(run_one(lm, m, b, s, datasets, out_dir, batch_size, limit, fraction))
