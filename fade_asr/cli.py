@@ -32,6 +32,9 @@ def save_quantized(model, processor, report, out_dir, table: str | None = None) 
         processor.save_pretrained(tmp)
         if report is not None: report.to_json(tmp/'report.json')
         if table: atomic_write_text(tmp/'wer.md', table)
+        if getattr(model, '_fade_act', None):            # quantized activations: their clips, as in packed checkpoints
+            from fade_asr.packing import ACT_QUANT
+            atomic_write_text(tmp/ACT_QUANT, json.dumps(model._fade_act, indent=1))
     return Path(out_dir)
 
 # %% ../nbs/11_cli.ipynb #1aae3639
@@ -69,8 +72,14 @@ def cmd_eval(a):
         if proc is None: raise FileNotFoundError(f"{a.model} has no processor files (preprocessor_config.json, tokenizer); re-run `fade-asr quantize`")
         models = {'packed': (pm, proc)}
     else:
+        from fade_asr.packing import ACT_QUANT, _load_act_quant
         lm = load_model(a.model)
         models = {'FP': (lm.model, lm.processor)}
+        if a.model and (Path(a.model)/ACT_QUANT).is_file():      # a fake-quantized WxAy checkpoint: its activation clips too
+            if a.recipe and a.recipe != 'fp':
+                raise ValueError(f"{a.model} is already quantized (it has {ACT_QUANT}); drop --recipe {a.recipe} to evaluate it as it is")
+            _load_act_quant(lm.model, Path(a.model)/ACT_QUANT)
+            models = {Path(a.model).name: (lm.model, lm.processor)}
     ds = _datasets(a.data, limit=a.limit)
     if a.recipe and a.recipe != 'fp' and 'FP' in models:
         from fade_asr.pipeline import quantize
@@ -112,7 +121,8 @@ def cmd_quantize(a):
     if a.save == 'packed':
         save_packed(qm, out, lm.processor, act_order=cfg.act_order,
                     extra={'report.json': json.dumps(report.to_dict(), indent=1), 'wer.md': table, 'wer.json': results_json(res)})
-        print(f'saved the packed {cfg.spec.bits}-bit model ({a.checkpoint_format}, {a.scales} scales), report.json and wer.md to {out}/')
+        acts = f', {cfg.act_bits}-bit activation clips (act_quant.json)' if cfg.act_bits else ''
+        print(f'saved the packed {cfg.spec.bits}-bit model ({a.checkpoint_format}, {a.scales} scales){acts}, report.json and wer.md to {out}/')
     else:
         save_quantized(qm, lm.processor, report, out, table)
         atomic_write_text(out/'wer.json', results_json(res))
