@@ -163,3 +163,17 @@ def test_packed_checkpoint_round_trip(family, tmp_path):
     audios = [u.audio for u in utterances(3)]
     assert transcribe(back, proc, audios, progress=False, max_tokens_per_s=4) == \
            transcribe(q, proc, audios, progress=False, max_tokens_per_s=4)
+
+
+def test_weights_and_activations(family):
+    "W8A8 with MSE clips: every quantizable layer of the family gets an input clip, the layers outside the weight pipeline (front end, projector) per-channel weights."
+    from fade_asr.actquant import act_layers
+    name, m, proc = family
+    q, rep = quantize(m, utterances(4), QuantConfig.make(bits=8, group_size=-1, sym=True, method='rtn', act_bits=8, act_calib='mse',
+                                                          act_n_calib=4), processor=proc, progress=False)
+    assert set(rep.act['clips']) == set(act_layers(q)) and q._fade_act['bits'] == 8
+    assert set(rep.act['per_channel_weights']) == set(act_layers(q)) - {r.name for r in rep.layers}
+    assert rep.act['per_channel_weights'], 'the front end is quantized too'
+    assert not any(mod._forward_pre_hooks for mod in m.modules()), 'the FP model is untouched'
+    with torch.no_grad():
+        assert all(isinstance(t, str) for t in transcribe(q, proc, [u.audio for u in utterances(2)], progress=False))
