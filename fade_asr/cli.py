@@ -32,9 +32,8 @@ def save_quantized(model, processor, report, out_dir, table: str | None = None) 
         processor.save_pretrained(tmp)
         if report is not None: report.to_json(tmp/'report.json')
         if table: atomic_write_text(tmp/'wer.md', table)
-        if getattr(model, '_fade_act', None):            # quantized activations: their clips, as in packed checkpoints
-            from fade_asr.packing import ACT_QUANT
-            atomic_write_text(tmp/ACT_QUANT, json.dumps(model._fade_act, indent=1))
+        from fade_asr.packing import write_act_quant
+        write_act_quant(model, tmp)                      # quantized activations: their clips, as in packed checkpoints
     return Path(out_dir)
 
 # %% ../nbs/11_cli.ipynb #1aae3639
@@ -72,13 +71,13 @@ def cmd_eval(a):
         if proc is None: raise FileNotFoundError(f"{a.model} has no processor files (preprocessor_config.json, tokenizer); re-run `fade-asr quantize`")
         models = {'packed': (pm, proc)}
     else:
-        from fade_asr.packing import ACT_QUANT, _load_act_quant
+        from fade_asr.packing import ACT_QUANT, load_act_quant
         lm = load_model(a.model)
         models = {'FP': (lm.model, lm.processor)}
         if a.model and (Path(a.model)/ACT_QUANT).is_file():      # a fake-quantized WxAy checkpoint: its activation clips too
             if a.recipe and a.recipe != 'fp':
                 raise ValueError(f"{a.model} is already quantized (it has {ACT_QUANT}); drop --recipe {a.recipe} to evaluate it as it is")
-            _load_act_quant(lm.model, Path(a.model)/ACT_QUANT)
+            load_act_quant(lm.model, Path(a.model)/ACT_QUANT)
             models = {Path(a.model).name: (lm.model, lm.processor)}
     ds = _datasets(a.data, limit=a.limit)
     if a.recipe and a.recipe != 'fp' and 'FP' in models:

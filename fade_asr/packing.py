@@ -21,7 +21,8 @@ from .quantizer import QuantSpec, QuantResult
 __all__ = ['PACK_BITS', 'BACKENDS', 'QUANTIZE_CONFIG', 'WEIGHTS', 'ACT_QUANT', 'chunk_size', 'pack_bits', 'unpack_bits',
            'PackedLayer', 'pack_layer', 'unpack_layer', 'dequantize_packed', 'capture_solutions', 'quantize_packed',
            'resolve_backend', 'QuantLinear', 'pack_model', 'packed_layers', 'set_backend', 'quantize_config',
-           'save_packed', 'is_packed_dir', 'read_packed_tensors', 'load_packed', 'tensor_bytes', 'linear_bytes']
+           'save_packed', 'is_packed_dir', 'read_packed_tensors', 'write_act_quant', 'load_act_quant', 'load_packed',
+           'tensor_bytes', 'linear_bytes']
 
 # %% ../nbs/12_packing.ipynb #819e8bde
 PACK_BITS = (2, 3, 4, 8)
@@ -298,9 +299,8 @@ def pack_model(qmodel: nn.Module, solutions: dict[str, QuantResult], fmt: str = 
     qmodel._fade_packed = {'solutions': {n: {'bits': r.spec.bits, 'group_size': r.spec.group_size, 'sym': r.spec.sym}
                                          for n, r in solutions.items()}, 'fmt': fmt, 'scale_dtype': str(scale_dtype).split('.')[-1]}
     if getattr(qmodel, '_fade_act', None):       # quantized activations: their hooks sat on the replaced linears
-        from fade_asr.actquant import attach_act_quant
-        act = dict(qmodel._fade_act)
-        attach_act_quant(qmodel, act.pop('clips'), act.pop('bits'), **act)
+        from fade_asr.actquant import restore_act_quant
+        restore_act_quant(qmodel, qmodel._fade_act)
     return qmodel
 
 def packed_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -353,7 +353,7 @@ def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = Fal
             model.config.save_pretrained(tmp)
         if getattr(model, 'generation_config', None) is not None: model.generation_config.save_pretrained(tmp)
         if processor is not None: processor.save_pretrained(tmp)
-        if getattr(model, '_fade_act', None): (tmp / ACT_QUANT).write_text(json.dumps(model._fade_act, indent=1))
+        write_act_quant(model, tmp)
         for k, v in (extra or {}).items(): (tmp / k).write_text(v)
     return Path(out_dir)
 
@@ -394,16 +394,15 @@ def _fill_computed_buffers(model: nn.Module, cls, config, stored: set):
 
 ACT_QUANT = 'act_quant.json'    # the activation clips of a WxAy model (written only when activations are quantized)
 
-def _load_act_quant(model: nn.Module, path: Path):
+def write_act_quant(model: nn.Module, out_dir) -> None:
+    "Write `model`'s activation clips to `out_dir/act_quant.json` (nothing when its activations are not quantized)."
+    if getattr(model, '_fade_act', None): (Path(out_dir) / ACT_QUANT).write_text(json.dumps(model._fade_act, indent=1))
+
+def load_act_quant(model: nn.Module, path) -> nn.Module:
     "Reattach the activation quantizers stored in `act_quant.json`, with a clear error for a damaged file."
-    from fade_asr.actquant import attach_act_quant
-    try:
-        act = json.loads(path.read_text())
-        clips, bits = {str(k): float(v) for k, v in act.pop('clips').items()}, int(act.pop('bits'))
-    except (ValueError, KeyError, AttributeError, TypeError) as e:
-        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); it must hold 'bits' and 'clips' "
-                         "{layer: clip}: re-run `fade-asr quantize`") from None
-    attach_act_quant(model, clips, bits, **act)
+    from fade_asr.actquant import restore_act_quant
+    try: return restore_act_quant(model, json.loads(Path(path).read_text()))
+    except ValueError as e: raise ValueError(f"{path} is damaged ({e}): re-run `fade-asr quantize`") from None
 
 def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32):
     "Load a packed checkpoint directory: returns (model with `QuantLinear`s, processor or None)."
@@ -444,7 +443,7 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
     if (d / 'generation_config.json').is_file():                         # decoding settings (Whisper: suppressed tokens, max_length)
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(d, local_files_only=True)
-    if (d / ACT_QUANT).is_file(): _load_act_quant(model, d / ACT_QUANT)
+    if (d / ACT_QUANT).is_file(): load_act_quant(model, d / ACT_QUANT)
     try: proc = AutoProcessor.from_pretrained(d, local_files_only=True)
     except (OSError, ValueError): proc = None
     return model.eval(), proc

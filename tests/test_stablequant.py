@@ -173,12 +173,12 @@ def test_fake_quantized_checkpoint_keeps_activation_clips(w8a8_run, tmp_path):
     from fade_asr.adapters import whisper_default_processor
     from fade_asr.cli import save_quantized
     from fade_asr.models import load_model
-    from fade_asr.packing import ACT_QUANT, _load_act_quant
+    from fade_asr.packing import ACT_QUANT, load_act_quant
     _, qm, rep, _ = w8a8_run
     out = save_quantized(qm, whisper_default_processor(qm), rep, tmp_path / 'fq')
     assert json.loads((out / ACT_QUANT).read_text())['clips'] == qm._fade_act['clips']
     lm = load_model(str(out))
-    _load_act_quant(lm.model, out / ACT_QUANT)
+    load_act_quant(lm.model, out / ACT_QUANT)
     feats, dec = torch.randn(1, 80, 3000), torch.tensor([[50257, 11, 12]])
     with torch.no_grad():
         assert torch.equal(lm.model(input_features=feats, decoder_input_ids=dec).logits,
