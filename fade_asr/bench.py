@@ -124,10 +124,11 @@ def _errs(rec, ds):
 def _by(runs, label, bits):
     return [r for r in runs if r['label'] == label and r['bits'] == bits]
 
-def summary_rows(runs, k_worst: int = 3, baseline: str = 'GPTQ', methods: Callable[[int], list[BenchMethod]] = default_methods) -> list[dict]:
-    "One row per (bits, method, data set): mean/std WER over seeds, WER without the k worst utterances."
+def summary_rows(runs, k_worst: int = 3, baseline: str = 'GPTQ', methods: Callable[[int], list[BenchMethod]] = default_methods,
+                 high_first: bool = False) -> list[dict]:
+    "One row per (bits, method, data set): mean/std WER over seeds, WER without the k worst utterances (`high_first`: widest bits first)."
     rows = []
-    for bits in sorted({r['bits'] for r in runs}):
+    for bits in sorted({r['bits'] for r in runs}, reverse=high_first):
         order = [m.label for m in methods(bits)]     # the suite's own order, then any others
         labels = sorted(dict.fromkeys(r['label'] for r in runs if r['bits'] == bits),
                         key=lambda l: order.index(l) if l in order else len(order))
@@ -147,9 +148,10 @@ def summary_rows(runs, k_worst: int = 3, baseline: str = 'GPTQ', methods: Callab
                                  quant_seconds=float(np.mean([r['quant_seconds'] for r in rs]))))
     return rows
 
-def summary_table(runs, k_worst: int = 3, methods: Callable[[int], list[BenchMethod]] = default_methods, show_bits: bool = True) -> str:
+def summary_table(runs, k_worst: int = 3, methods: Callable[[int], list[BenchMethod]] = default_methods, show_bits: bool = True,
+                  high_first: bool = False) -> str:
     "Markdown: WER % mean ± std over seeds per method and data set, and without the k worst utterances."
-    rows = summary_rows(runs, k_worst, methods=methods)
+    rows = summary_rows(runs, k_worst, methods=methods, high_first=high_first)
     dss = list(dict.fromkeys(r['dataset'] for r in rows))
     b0, b1 = ('| bits ', '|---') if show_bits else ('', '')
     out = [b0 + '| method | seeds | ' + ' | '.join(f'{d} WER % | {d} excl. {k_worst} worst' for d in dss) + ' |',

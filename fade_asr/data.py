@@ -20,10 +20,10 @@ __all__ = ['SAMPLE_RATE', 'SPLITS', 'CORPUS_KINDS', 'ASTERISK_PACKAGES', 'ASTERI
            'save_audio', 'atomic_write_text', 'atomic_dir', 'write_manifest', 'read_manifest', 'load_manifest',
            'text_key', 'assign_splits', 'data_dir', 'shipped_datasets', 'dataset_info', 'parse_data_spec',
            'librispeech_rows', 'tedlium_text', 'tedlium_rows', 'spgispeech_rows', 'hf_rows', 'corpus_rows',
-           'load_corpus', 'load_dataset', 'calibration_subset', 'parse_asterisk_transcripts', 'clean_prompt_text',
-           'select_prompts', 'fetch_debian_packages', 'summarize_rows', 'finalize_set', 'build_asterisk',
-           'read_r_lazyload', 'piper_synthesizer', 'festival_synthesizer', 'select_sentences', 'build_harvard',
-           'build_all', 'check_split_disjoint']
+           'load_corpus', 'load_dataset', 'calibration_subset', 'held_out', 'parse_asterisk_transcripts',
+           'clean_prompt_text', 'select_prompts', 'fetch_debian_packages', 'summarize_rows', 'finalize_set',
+           'build_asterisk', 'read_r_lazyload', 'piper_synthesizer', 'festival_synthesizer', 'select_sentences',
+           'build_harvard', 'build_all', 'check_split_disjoint']
 
 # %% ../nbs/01_data.ipynb #657275f3
 SAMPLE_RATE = 16_000  # Whisper, Moonshine and Qwen3-ASR all take 16-kHz mono
@@ -555,6 +555,20 @@ def calibration_subset(name: str, n: int, seed: int) -> SpeechDataset:
     sub = SpeechDataset([ds[i] for i in idx], name=name, split='calib', skipped=ds.skipped)
     sub.seed = seed
     return sub
+
+# %% ../nbs/01_data.ipynb #350ac677
+def held_out(dev, calib, what: str = 'dev set') -> list:
+    "The utterances of `dev` whose audio is not also in `calib`; warns when it drops some, raises when none is left."
+    key = lambda u: hashlib.sha1(np.ascontiguousarray(u.audio, np.float32).tobytes()).hexdigest()
+    seen, dev = {key(u) for u in (calib or ())}, list(dev)
+    kept = [u for u in dev if key(u) not in seen]
+    if dev and not kept:
+        raise ValueError(f"every utterance of the {what} is also a calibration utterance; pass a disjoint dev set "
+                         "(dev=...), use a corpus with a 'dev' split, or calibrate on fewer utterances")
+    if len(kept) < len(dev):
+        warnings.warn(f"dropped {len(dev) - len(kept)} of {len(dev)} utterances from the {what}: "
+                      "they are calibration utterances (the corpus has no separate dev split)")
+    return kept
 
 # %% ../nbs/01_data.ipynb #baff6971
 def parse_asterisk_transcripts(text: str) -> list[tuple[str, str]]:

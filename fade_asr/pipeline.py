@@ -480,12 +480,12 @@ def _fresh_records(adapter: ModelAdapter) -> dict[str, LayerRecord]:
 
 def _peak_rss_mb() -> float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-def _dev_windows(adapter: ModelAdapter, dev, cfg: QuantConfig, model: nn.Module) -> list[CalibWindow]:
-    "The oracle's dev windows (packed and prepared as calibration windows, tagged half='dev'); loads the dev split if `dev` is None."
-    if dev is None:
-        from fade_asr.data import load_dataset
-        dev = load_dataset(cfg.calib_data, split=cfg.dev_split)
-    dev = list(dev)
+def _dev_windows(adapter: ModelAdapter, dev, calib, cfg: QuantConfig, model: nn.Module) -> list[CalibWindow]:
+    """The oracle's dev windows (packed and prepared as calibration windows, tagged half='dev'); loads the dev split
+    if `dev` is None, and drops any calibration utterance from it (`data.held_out`)."""
+    from fade_asr.data import load_dataset, held_out
+    if dev is None: dev = load_dataset(cfg.calib_data, split=cfg.dev_split)
+    dev = held_out(dev, calib, "oracle's dev set")
     if not dev:
         raise ValueError("the oracle's dev set is empty; pass dev= utterances to quantize(), or leave it out to use "
                          f"the {cfg.dev_split!r} split of {cfg.calib_data!r}")
@@ -531,7 +531,7 @@ def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *
         raise ValueError(f"FADE's R_calib needs calibration windows in both halves but there is only {len(windows)} "
                          "window; add calibration utterances, set pack=False, or set fade_use_r=False")
     split = halves == {'A', 'B'}
-    dev_windows = _dev_windows(adapter, dev, cfg, model) if cfg.method == 'oracle' else []
+    dev_windows = _dev_windows(adapter, dev, calib, cfg, model) if cfg.method == 'oracle' else []
     rep.n_dev_windows, rep.n_dev_utterances = len(dev_windows), sum(len(w.ids) for w in dev_windows)
     from fade_asr import fade as F
     v_raw = _v_raw(adapter, cfg)

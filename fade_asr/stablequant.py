@@ -129,10 +129,10 @@ def quantize_activations(model: nn.Module, processor, calib: Sequence, cfg, weig
     hists = collect_act_stats(model, processor, cal, progress=progress)
     info['n_calib_utts'] = len(cal)
     if cfg.act_calib == 'stablequant':
-        if dev is None:
-            from fade_asr.data import load_dataset
-            dev = load_dataset(cfg.calib_data, split=cfg.dev_split)
-        dev = list(dev)[:cfg.act_n_dev or None]
+        from fade_asr.data import load_dataset, held_out
+        if dev is None:     # enough rows that n_dev are left once calibration utterances are dropped
+            dev = load_dataset(cfg.calib_data, split=cfg.dev_split, limit=cfg.act_n_dev + len(cal) if cfg.act_n_dev else None)
+        dev = held_out(dev, cal, "StableQuant's dev set")[:cfg.act_n_dev or None]
         clips, sq = stablequant_clips(model, processor, hists, bits, dev, cfg.act_gamma, cfg.act_grid, progress)
         info.update(sq)
     else:
@@ -201,7 +201,7 @@ def write_act_report(out_dir='bench/act') -> str:
                     best_pct=r['report']['act']['search']['best_pct'], stage1_s=r['report']['act']['screening']['seconds'],
                     stage2_s=r['report']['act']['search']['seconds'])
                for r in runs if r.get('report', {}).get('act', {}).get('screening')]
-    md = ['## WER (mean ± std over calibration seeds)', summary_table(runs, methods=act_methods, show_bits=False), '',
+    md = ['## WER (mean ± std over calibration seeds)', summary_table(runs, methods=act_methods, show_bits=False, high_first=True), '',
           '## Paired comparisons (StableQuant against each simpler calibration)', paired_table(runs, pairs=ACT_PAIRS), '',
           '## StableQuant: flagged layers, chosen percentile, time',
           '| run | seed | flagged layers | p (%) | stage 1 s | stage 2 s |', '|---|---:|---|---:|---:|---:|']
@@ -213,5 +213,5 @@ def write_act_report(out_dir='bench/act') -> str:
         if any(r['label'] == f'W{bits}A{bits} StableQuant' and 'report' in r for r in runs):
             fig, ax = plt.subplots(figsize=(11, 3.8)); plot_sensitivity(runs, bits, ax); fig.tight_layout(); fig.savefig(out/f'sensitivity_a{bits}.png', dpi=110); plt.close(fig)
     atomic_write_text(out/'results.md', '\n'.join(md) + '\n')
-    atomic_write_text(out/'results.json', json.dumps(dict(summary=summary_rows(runs, methods=act_methods), stablequant=screens), indent=1) + '\n')
+    atomic_write_text(out/'results.json', json.dumps(dict(summary=summary_rows(runs, methods=act_methods, high_first=True), stablequant=screens), indent=1) + '\n')
     return '\n'.join(md)

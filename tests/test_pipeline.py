@@ -264,6 +264,15 @@ def test_oracle_never_reads_test_data(monkeypatch, tiny, calib, dev_utts):
     assert calls == []
 
 
+def test_oracle_dev_set_is_held_out_from_calibration(tiny, calib, dev_utts):
+    "A corpus without splits hands the same rows to calibration and dev: the calibration ones leave the dev set."
+    with pytest.warns(UserWarning, match='dropped 3 of 5 utterances'):
+        _, rep = quantize(tiny, calib, QuantConfig.make(method='oracle', **G32), dev=dev_utts[:2] + calib[:3], progress=False)
+    assert rep.n_dev_utterances == 2
+    with pytest.raises(ValueError, match='every utterance of the oracle.s dev set is also a calibration utterance'):
+        quantize(tiny, calib, QuantConfig.make(method='oracle', **G32), dev=calib[2:5], progress=False)
+
+
 # ---------------------------------------------------------------- fault injection
 
 def test_dead_inputs_are_handled(calib):

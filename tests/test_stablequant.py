@@ -169,6 +169,17 @@ def test_stages_flag_the_injected_layer_and_search_the_grid(monkeypatch):
     assert clips[target] < hists[target].amax and all(clips[n] == hists[n].amax for n in layers if n != target)
 
 
+def test_stablequant_dev_set_is_held_out_from_calibration():
+    "Stage 1 and 2 choose on dev WER: a dev set made of the calibration utterances is refused before any pass."
+    from fade_asr.adapters import whisper_default_processor
+    m = tiny_random_whisper(seed=5).eval()
+    rng = np.random.default_rng(5)
+    calib = [Utt(i, 2.0, rng) for i in range(3)]
+    cfg = QuantConfig.make(method='fp', act_bits=8, act_calib='stablequant', act_n_calib=3)
+    with pytest.raises(ValueError, match="every utterance of the StableQuant's dev set is also a calibration utterance"):
+        SQ.quantize_activations(m, whisper_default_processor(m), calib, cfg, dev=calib[::-1], progress=False)
+
+
 def test_fake_quantized_checkpoint_keeps_activation_clips(w8a8_run, tmp_path):
     from fade_asr.adapters import whisper_default_processor
     from fade_asr.cli import save_quantized
