@@ -436,7 +436,7 @@ def _hf_dataset(path: Path, split: str | None):
     return ds
 
 def hf_rows(path: str | os.PathLike, split: str | None = 'test'):
-    "Rows of a saved 🤗 dataset (its audio column undecoded, read by PyAV later) and the dataset itself."
+    "Rows of a saved Hugging Face dataset (its audio column undecoded, read by PyAV later) and the dataset itself."
     import datasets
     ds = _hf_dataset(Path(path), split)
     feats = ds.features
@@ -494,7 +494,7 @@ def _decode_corpus_rows(rows, source: str, hf=None) -> tuple[list[Utterance], li
 
 # %% ../nbs/01_data.ipynb #a5411065
 def corpus_rows(kind: str, path: str | os.PathLike, split: str | None = 'test'):
-    "List the rows of a corpus on disk (no audio decoded): `(rows, problems, hf)` (`hf`: the 🤗 dataset, else None)."
+    "List the rows of a corpus on disk (no audio decoded): `(rows, problems, hf)` (`hf`: the Hugging Face dataset, else None)."
     path = Path(path).expanduser()
     if kind == 'librispeech': return (*librispeech_rows(path), None)
     if kind == 'tedlium': return (*tedlium_rows(path), None)

@@ -290,7 +290,7 @@ def ct2_to_hf(ct2_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     f = read_ct2(d)
     if f.spec_name != 'WhisperSpec':
         raise Ct2FormatError(f"{d}: CT2 spec is {f.spec_name!r}, not 'WhisperSpec'; only Whisper models convert "
-                             f"from CTranslate2 (for Moonshine or Qwen3-ASR pass the 🤗 checkpoint directory instead)")
+                             f"from CTranslate2 (for Moonshine or Qwen3-ASR pass the Hugging Face checkpoint directory instead)")
     if f.aliases.get('decoder/projection/weight', 'decoder/embeddings/weight') != 'decoder/embeddings/weight' or \
        set(f.aliases) - {'decoder/projection/weight'}:
         raise Ct2FormatError(f"{d}: unexpected aliases {f.aliases}; the output projection must be tied to the embeddings")
@@ -409,7 +409,7 @@ def _write_cache_entry(model, proc, out: Path, meta: dict) -> None:
 # %% ../nbs/00_models.ipynb #0cfbf515
 @dataclass
 class ModelFamily:
-    "How to load one family of speech models from a local 🤗 checkpoint directory."
+    "How to load one family of speech models from a local Hugging Face checkpoint directory."
     name: str
     model_types: tuple[str, ...]
     load: Callable[[Path, torch.dtype], tuple[Any, Any]]  # (dir, dtype) -> (model, processor)
@@ -478,7 +478,7 @@ class LoadedModel:
     def generation_config(self): return self.model.generation_config
 
 # %% ../nbs/00_models.ipynb #319770af
-_EXPECT = ("a CTranslate2 Whisper directory (model.bin, config.json, tokenizer.json) or a local 🤗 checkpoint "
+_EXPECT = ("a CTranslate2 Whisper directory (model.bin, config.json, tokenizer.json) or a local Hugging Face checkpoint "
            "directory of a Whisper, Moonshine or Qwen3-ASR model (config.json with model_type, model.safetensors, "
            "processor files, as save_pretrained writes them); leave it out for the bundled Whisper tiny.en")
 
@@ -517,7 +517,7 @@ def _load_ct2_cached(d: Path, cache_dir, dtype) -> LoadedModel:
 
 def load_model(source: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
                dtype: torch.dtype = torch.float32) -> LoadedModel:
-    "Load a speech model for inference: bundled tiny.en (`None`), a CTranslate2 Whisper dir (cached conversion) or a 🤗 dir."
+    "Load a speech model for inference: bundled tiny.en (`None`), a CTranslate2 Whisper dir (cached conversion) or a Hugging Face dir."
     if os.environ.get('FADE_ASR_QUIET') == '1':
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
