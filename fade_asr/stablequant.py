@@ -150,10 +150,12 @@ def act_methods(bits: int) -> list:
     ms += [BenchMethod(f'W{bits} weights only', f'w{bits}a{bits}', (('act_bits', 0),), seeded=False)]
     ms += [BenchMethod(f'{f} {c}', f'w{bits}a{bits}', (('act_calib', c.lower()),)) for c in ('max', 'percentile', 'MSE')]
     ms += [BenchMethod(f'{f} StableQuant', f'w{bits}a{bits}')]
-    if bits == 4: ms += [BenchMethod('W4A8 StableQuant', 'w4a8'), BenchMethod('FADE-W4 g128 + A8 StableQuant', 'fade-w4g128-a8')]
+    if bits == 4: ms += [BenchMethod('W4A8 StableQuant', 'w4a8'), BenchMethod('FADE-W4 g128 weights only', 'fade-w4g128-a8', (('act_bits', 0),)),
+                         BenchMethod('FADE-W4 g128 + A8 StableQuant', 'fade-w4g128-a8')]
     return ms
 
-ACT_PAIRS = tuple((f'W{b}A{b} {c}', f'W{b}A{b} StableQuant') for b in (8, 6, 4) for c in ('max', 'percentile', 'MSE'))
+ACT_PAIRS = tuple((f'W{b}A{b} {c}', f'W{b}A{b} StableQuant') for b in (8, 6, 4) for c in ('max', 'percentile', 'MSE')) + (
+    ('W4 weights only', 'W4A8 StableQuant'), ('FADE-W4 g128 weights only', 'FADE-W4 g128 + A8 StableQuant'))   # what A8 costs
 
 # %% ../nbs/15_stablequant.ipynb #6be30be2
 def plot_act_wer(runs, dataset: str, ax=None):
@@ -202,7 +204,7 @@ def write_act_report(out_dir='bench/act') -> str:
                     stage2_s=r['report']['act']['search']['seconds'])
                for r in runs if r.get('report', {}).get('act', {}).get('screening')]
     md = ['## WER (mean ± std over calibration seeds)', summary_table(runs, methods=act_methods, show_bits=False, high_first=True), '',
-          '## Paired comparisons (StableQuant against each simpler calibration)', paired_table(runs, pairs=ACT_PAIRS), '',
+          '## Paired comparisons (StableQuant against each simpler calibration; A8 against the same weights alone)', paired_table(runs, pairs=ACT_PAIRS), '',
           '## StableQuant: flagged layers, chosen percentile, time',
           '| run | seed | flagged layers | p (%) | stage 1 s | stage 2 s |', '|---|---:|---|---:|---:|---:|']
     md += [f"| {s['label']} | {s['seed']} | {', '.join(n.replace('model.', '') for n in s['flagged']) or '–'} | "
