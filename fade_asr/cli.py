@@ -45,7 +45,7 @@ def render_readme(nb_path) -> str:
         src = ''.join(c['source']).strip('\n')
         lines = src.splitlines()
         if any(l.strip().replace(' ', '') in ('#|hide', '#|default_exp') or l.startswith('#| hide') for l in lines): continue
-        if c['cell_type'] == 'markdown': parts.append(src)
+        if c['cell_type'] == 'markdown': parts.append(src.replace('](../', ']('))   # nbs/-relative links, from the root
         elif c['cell_type'] == 'code' and src.strip():
             code = '\n'.join(l for l in lines if not l.startswith('#|'))
             parts.append(f'```python\n{code}\n```')

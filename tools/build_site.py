@@ -243,6 +243,20 @@ def _localise_links(body: str, page: str, pages: dict[str, str], doc_url: str) -
     return re.sub(r'(href=)"([^"]*)"', fix, body)
 
 
+def _localise_files(body: str, nb: str, page: str, out: Path, root: Path = ROOT) -> str:
+    "Images a notebook links from the repository (e.g. `../bench/act/x.png`) are copied into the site under `_files/`."
+    def fix(m):
+        url = m.group(2)
+        if re.match(r'^([a-z]+:|#|/)', url): return m.group(0)
+        src = ((root / nb).parent / url).resolve()
+        if not src.is_file() or root.resolve() not in src.parents: return m.group(0)
+        rel = Path('_files') / src.relative_to(root.resolve())
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, out / rel)
+        return f'{m.group(1)}"{_rel(page, rel.as_posix())}"'
+    return re.sub(r'(<img\b[^>]*?\bsrc=)"([^"]*)"', fix, body)
+
+
 def write_assets(out: Path):
     from pygments.formatters import HtmlFormatter
     dst = out / 'site_assets'
@@ -303,7 +317,7 @@ def build(out: Path = ROOT / '_docs', proc: Path = ROOT / '_proc', only: str | N
     for nb, (fm, body) in bodies.items():
         if only is not None and not re.search(only, nb): continue
         page = pages[nb]
-        body = _localise_links(body, page, pages, doc_url)
+        body = _localise_files(_localise_links(body, page, pages, doc_url), nb, page, out, root)
         text = render_page(site_title, page, titles[nb], fm.get('description', ''), body, navbar, sidebar, titles, pages)
         dst = out / page
         dst.parent.mkdir(parents=True, exist_ok=True)
