@@ -150,12 +150,13 @@ def act_methods(bits: int) -> list:
     ms += [BenchMethod(f'W{bits} weights only', f'w{bits}a{bits}', (('act_bits', 0),), seeded=False)]
     ms += [BenchMethod(f'{f} {c}', f'w{bits}a{bits}', (('act_calib', c.lower()),)) for c in ('max', 'percentile', 'MSE')]
     ms += [BenchMethod(f'{f} StableQuant', f'w{bits}a{bits}')]
-    if bits == 4: ms += [BenchMethod('W4A8 StableQuant', 'w4a8'), BenchMethod('FADE-W4 g128 weights only', 'fade-w4g128-a8', (('act_bits', 0),)),
+    if bits == 4: ms += [BenchMethod('W4A8 max', 'w4a8', (('act_calib', 'max'),)), BenchMethod('W4A8 StableQuant', 'w4a8'),
+                         BenchMethod('FADE-W4 g128 weights only', 'fade-w4g128-a8', (('act_bits', 0),)),
                          BenchMethod('FADE-W4 g128 + A8 StableQuant', 'fade-w4g128-a8')]
     return ms
 
 ACT_PAIRS = tuple((f'W{b}A{b} {c}', f'W{b}A{b} StableQuant') for b in (8, 6, 4) for c in ('max', 'percentile', 'MSE')) + (
-    ('W4 weights only', 'W4A8 StableQuant'), ('FADE-W4 g128 weights only', 'FADE-W4 g128 + A8 StableQuant'))   # what A8 costs
+    ('W4A8 max', 'W4A8 StableQuant'), ('W4 weights only', 'W4A8 StableQuant'), ('FADE-W4 g128 weights only', 'FADE-W4 g128 + A8 StableQuant'))   # what A8 costs
 
 # %% ../nbs/15_stablequant.ipynb #6be30be2
 def plot_act_wer(runs, dataset: str, ax=None):
