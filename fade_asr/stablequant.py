@@ -189,6 +189,9 @@ def plot_sensitivity(runs, bits: int, ax=None, gamma: float = 0.25):
     ax.axhline(gamma, color='k', ls='--', lw=.8)
     ax.set_xticks(range(len(names)), [n.replace('model.', '').replace('layers.', '').replace('_attn', '') for n in names], rotation=90, fontsize=5)
     ax.set(yscale='symlog', ylabel='dev ΔWER (points)', title=f'stage 1 at A{bits}: each layer alone, max clip (red: front end, blue: encoder, orange: decoder; dashed: γ)')
+    lo, hi = ax.get_ylim()                                   # readable ticks on the symlog axis: 0, ±1, 2, 5, 10, ...
+    ax.set_yticks([t for t in (-100, -20, -5, -1, 0, 1, 2, 5, 10, 20, 50, 100, 200, 500) if lo <= t <= hi])
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f'{v:g}'))
     return ax
 
 # %% ../nbs/15_stablequant.ipynb #a5b0673e
