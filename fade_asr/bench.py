@@ -189,11 +189,11 @@ def paired_compare(runs, a: str, b: str, bits: int, dataset: str, n_boot: int = 
                 b_better_seeds=int(sum(x < 0 for x in d)), p_seeds=sign_flip_p(d),
                 boot_delta=100 * bs.delta_wer, boot_ci=(100 * bs.ci_low, 100 * bs.ci_high), p_boot=bs.p_value)
 
-def paired_table(runs, pairs=(('GPTQ', 'FADE'), ('QEP α=0.5', 'FADE'), ('QEP official', 'FADE'))) -> str:
+def paired_table(runs, pairs=(('GPTQ', 'FADE'), ('QEP α=0.5', 'FADE'), ('QEP official', 'FADE')), high_first: bool = False) -> str:
     "Markdown table of `paired_compare` for each (a, b) pair, bit width and data set."
     out = ['| bits | data | B vs A | mean ΔWER (B−A) pts | seeds B better | p (sign-flip, seeds) | bootstrap Δ [95% CI] | p (bootstrap) |',
            '|---|---|---|---:|---:|---:|---|---:|']
-    for bits in sorted({r['bits'] for r in runs}):
+    for bits in sorted({r['bits'] for r in runs}, reverse=high_first):
         for a, b in pairs:
             if not _by(runs, a, bits) or not _by(runs, b, bits): continue
             for ds in _by(runs, a, bits)[0]['results']:

@@ -208,7 +208,7 @@ def write_act_report(out_dir='bench/act') -> str:
                     stage2_s=r['report']['act']['search']['seconds'])
                for r in runs if r.get('report', {}).get('act', {}).get('screening')]
     md = ['## WER (mean ± std over calibration seeds)', summary_table(runs, methods=act_methods, show_bits=False, high_first=True), '',
-          '## Paired comparisons (StableQuant against each simpler calibration; A8 against the same weights alone)', paired_table(runs, pairs=ACT_PAIRS), '',
+          '## Paired comparisons (StableQuant against each simpler calibration; A8 against the same weights alone)', paired_table(runs, pairs=ACT_PAIRS, high_first=True), '',
           '## StableQuant: flagged layers, chosen percentile, time',
           '| run | seed | flagged layers | p (%) | stage 1 s | stage 2 s |', '|---|---:|---|---:|---:|---:|']
     md += [f"| {s['label']} | {s['seed']} | {', '.join(n.replace('model.', '') for n in s['flagged']) or '–'} | "
