@@ -125,14 +125,15 @@ def quantize_activations(model: nn.Module, processor, calib: Sequence, cfg, weig
     if cfg.method != 'fp':
         done = set(weight_layers or ())
         info['per_channel_weights'] = quantize_weights_per_channel(model, [n for n in mods if n not in done], cfg.spec.bits)
-    cal = list(calib or [])[:cfg.act_n_calib]
+    calib = list(calib or [])
+    cal = calib[:cfg.act_n_calib]
     hists = collect_act_stats(model, processor, cal, progress=progress)
     info['n_calib_utts'] = len(cal)
     if cfg.act_calib == 'stablequant':
         from fade_asr.data import load_dataset, held_out
-        if dev is None:     # enough rows that n_dev are left once calibration utterances are dropped
-            dev = load_dataset(cfg.calib_data, split=cfg.dev_split, limit=cfg.act_n_dev + len(cal) if cfg.act_n_dev else None)
-        dev = held_out(dev, cal, "StableQuant's dev set")[:cfg.act_n_dev or None]
+        if dev is None:     # enough rows that n_dev are left once calibration utterances (weights' too) are dropped
+            dev = load_dataset(cfg.calib_data, split=cfg.dev_split, limit=cfg.act_n_dev + len(calib) if cfg.act_n_dev else None)
+        dev = held_out(dev, calib, "StableQuant's dev set")[:cfg.act_n_dev or None]
         clips, sq = stablequant_clips(model, processor, hists, bits, dev, cfg.act_gamma, cfg.act_grid, progress)
         info.update(sq)
     else:
