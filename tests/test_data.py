@@ -329,7 +329,7 @@ def test_clean_prompt_text_properties(t):
 
 
 def test_atomic_dir_keeps_the_old_directory_on_failure(tmp_path):
-    from fade_asr.data import atomic_dir
+    from fade_asr.util import atomic_dir
     out = tmp_path / 'ckpt'
     with atomic_dir(out) as d: (d / 'a.txt').write_text('v1')
     with pytest.raises(RuntimeError):

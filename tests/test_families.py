@@ -11,6 +11,7 @@ from fade_asr.data import Utterance
 from fade_asr.models import load_model
 from fade_asr.pipeline import QuantConfig, quantize
 from fade_asr.scoring import transcribe
+from fade_asr.stablequant import quantize_model
 
 BUILDERS = {'moonshine': tiny_random_moonshine, 'qwen3_asr': tiny_random_qwen3_asr}
 TEXTS = ["the quick brown fox", "hello world", "she sells sea shells", "this is a test of speech",
@@ -52,6 +53,22 @@ def test_every_method_runs(family, method):
     if method == 'qep': assert {r.alpha for r in rep.layers} == {0.5}
     with torch.no_grad():
         assert all(isinstance(t, str) for t in transcribe(q, proc, [u.audio for u in utterances(2)], progress=False))
+
+
+DOWN_PROJ = {'moonshine': 'mlp.fc2', 'qwen3_asr': {'encoder': 'fc2', 'decoder': 'mlp.down_proj'}}
+
+
+def test_qep_official_leaves_exactly_the_down_projections_uncorrected(family):
+    "The shipped 'QEP official' recipe names a role (mlp_down), so each family's own down-projection is the one left at α = 0."
+    from fade_asr.recipes import load_recipe
+    name, m, proc = family
+    cfg = load_recipe('qep-official-w3g128', group_size=32)
+    _, rep = quantize(m, utterances(), cfg, processor=proc, progress=False)
+    down = DOWN_PROJ[name]
+    want = {r.name for r in rep.layers if r.name.endswith('.' + (down if isinstance(down, str) else down[r.stack]))}
+    assert want and {r.name for r in rep.layers if r.alpha == 0.0} == want
+    assert {r.role for r in rep.layers if r.name in want} == {'mlp_down'}
+    assert {r.alpha for r in rep.layers if r.name not in want} == {0.5}
 
 
 def test_gptq_not_worse_than_rtn_per_layer(family):
@@ -152,11 +169,10 @@ def test_english_only_whisper_gets_no_language():
 
 def test_packed_checkpoint_round_trip(family, tmp_path):
     "quantize -> pack -> save -> load_packed gives the same transcripts (non-persistent buffers such as rotary tables rebuilt)."
-    from fade_asr.packing import load_packed, pack_model, quantize_packed, save_packed
+    from fade_asr.packing import load_packed, pack_model, save_packed
     name, m, proc = family
-    q, _, sols = quantize_packed(m, utterances(), QuantConfig.make(bits=4, group_size=32, method='gptq'), processor=proc,
-                                 progress=False)
-    q = pack_model(q, sols, scale_dtype=torch.float32)
+    q, rep = quantize(m, utterances(), QuantConfig.make(bits=4, group_size=32, method='gptq'), processor=proc, progress=False)
+    q = pack_model(q, rep.solutions, scale_dtype=torch.float32)
     save_packed(q, tmp_path / 'p', proc)
     back, bproc = load_packed(tmp_path / 'p')
     assert type(back) is type(q)
@@ -169,7 +185,7 @@ def test_weights_and_activations(family):
     "W8A8 with MSE clips: every quantizable layer of the family gets an input clip, the layers outside the weight pipeline (front end, projector) per-channel weights."
     from fade_asr.actquant import act_layers
     name, m, proc = family
-    q, rep = quantize(m, utterances(4), QuantConfig.make(bits=8, group_size=-1, sym=True, method='rtn', act_bits=8, act_calib='mse',
+    q, rep = quantize_model(m, utterances(4), QuantConfig.make(bits=8, group_size=-1, sym=True, method='rtn', act_bits=8, act_calib='mse',
                                                           act_n_calib=4), processor=proc, progress=False)
     assert set(rep.act['clips']) == set(act_layers(q)) and q._fade_act['bits'] == 8
     assert set(rep.act['per_channel_weights']) == set(act_layers(q)) - {r.name for r in rep.layers}

@@ -4,9 +4,10 @@ import json, os
 import pytest
 import torch
 
-from fade_asr.kernels import (CUDA_SOURCES, cupy_available, reference_matmul, quant_matmul, gptq_gpu, bench_kernels,
-                              bench_markdown, decoder_latency)
-from fade_asr.packing import PACK_BITS, pack_layer, dequantize_packed, QuantLinear
+from fade_asr.kernels import CUDA_SOURCES, cupy_available, reference_matmul, quant_matmul, gptq_gpu
+from fade_asr.bench import bench_kernels, bench_markdown, decoder_latency
+from fade_asr.pack_format import PACK_BITS, pack_layer, dequantize_packed
+from fade_asr.packing import QuantLinear
 from fade_asr.quantizer import QuantSpec, rtn
 from fade_asr.gptq import gptq
 

@@ -1,5 +1,5 @@
 """The packed format: bit-exact round trips (hypothesis), an independent decoder of the GPTQ layout, QuantLinear against the
-fake-quantized reference, the pipeline's codes captured exactly, and the errors a damaged checkpoint gives."""
+fake-quantized reference, the report's solutions exact, and the errors a damaged checkpoint gives."""
 import copy, json, os
 
 import numpy as np
@@ -10,9 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 from fade_asr.quantizer import QuantSpec, QuantResult, rtn
 from fade_asr.gptq import gptq
-from fade_asr.packing import (PACK_BITS, chunk_size, pack_bits, unpack_bits, pack_layer, unpack_layer, dequantize_packed,
-                              QuantLinear, quantize_packed, capture_solutions, pack_model, save_packed, load_packed,
-                              packed_layers, set_backend, resolve_backend, WEIGHTS, QUANTIZE_CONFIG, tensor_bytes)
+from fade_asr.pack_format import PACK_BITS, chunk_size, pack_bits, unpack_bits, pack_layer, unpack_layer, dequantize_packed
+from fade_asr.pipeline import quantize
+from fade_asr.packing import (QuantLinear, pack_model, save_packed, load_packed, packed_layers, set_backend, resolve_backend, WEIGHTS, QUANTIZE_CONFIG, tensor_bytes)
 
 os.environ.setdefault('FADE_ASR_QUIET', '1')
 SETTINGS = dict(max_examples=40, deadline=None)
@@ -163,23 +163,15 @@ def packed_run():
     rng = np.random.default_rng(2)
     calib = [Utt(i, s, rng) for i, s in enumerate([4.0, 5.0, 3.0, 6.0])]
     cfg = QuantConfig.make(bits=3, group_size=32, method='qep', n_calib=4)
-    qm, rep, sols = quantize_packed(model, calib, cfg, progress=False)
-    return model, qm, rep, sols
+    qm, rep = quantize(model, calib, cfg, progress=False)
+    return model, qm, rep, rep.solutions
 
 
-def test_capture_is_exact_and_complete(packed_run):
+def test_report_carries_every_solution_exactly(packed_run):
     model, qm, rep, sols = packed_run
     assert set(sols) == {r.name for r in rep.layers}
     for name, res in sols.items():
         assert torch.equal(qm.get_submodule(name).weight.detach(), res.dequantize())
-
-
-def test_capture_restores_the_pipeline():
-    from fade_asr import pipeline as P
-    before = P._solve
-    with pytest.raises(RuntimeError):
-        with capture_solutions(): raise RuntimeError('boom')
-    assert P._solve is before
 
 
 def test_packed_model_save_load_identical(packed_run, tmp_path):

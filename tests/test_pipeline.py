@@ -136,7 +136,7 @@ def test_gptq_loss_le_rtn(tiny, calib, gptq_run):
 
 
 def test_qep_alpha_changes_weights_and_skip(tiny, calib, gptq_run):
-    qm, rep = quantize(tiny, calib, QuantConfig.make(method='qep', alpha=0.5, qep_skip=('fc2',), **G32), progress=False)
+    qm, rep = quantize(tiny, calib, QuantConfig.make(method='qep', alpha=0.5, qep_skip=('mlp_down',), **G32), progress=False)
     assert all(r.alpha == (0.0 if r.name.endswith('fc2') else 0.5) for r in rep.layers)
     g = gptq_run['qm'].state_dict()
     assert not torch.equal(qm.state_dict()['model.encoder.layers.1.fc1.weight'], g['model.encoder.layers.1.fc1.weight'])
@@ -447,7 +447,7 @@ def test_real_tiny_en_fade(real):
 
 
 def test_gptq_solver_dispatch():
-    "CPU weights take the torch GPTQ loop; CUDA weights would take the fused block kernel (13_kernels)."
+    "CPU weights take the torch GPTQ loop; CUDA weights would take the fused block kernel (06_kernels)."
     from fade_asr import gptq as g, kernels as k
     from fade_asr.pipeline import _gptq_solver
     assert _gptq_solver(torch.zeros(2, 2)) is g.gptq

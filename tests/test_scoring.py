@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fade_asr import scoring as S
-from fade_asr.data import atomic_write_text
+from fade_asr.util import atomic_write_text
 from fade_asr.scoring import (EmptyReferenceError, evaluate, load_results_json, normalize,
                               paired_bootstrap, results_json, results_table, split_long_audio, transcribe,
                               wer_excluding_worst, wer_report, worst_utterances)

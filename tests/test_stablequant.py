@@ -13,6 +13,7 @@ from fade_asr.actquant import (AbsHistogram, _Observe, act_layers, act_quant, at
                                fake_quant_act, act_qmax)
 from fade_asr.adapters import tiny_random_whisper
 from fade_asr.pipeline import QuantConfig, quantize
+from fade_asr.stablequant import quantize_model
 
 os.environ.setdefault('FADE_ASR_QUIET', '1')
 SETTINGS = dict(max_examples=40, deadline=None)
@@ -87,7 +88,9 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match='another model'): attach_act_quant(m, {'model.no.such.layer': 1.0}, 8)
     with pytest.raises(ValueError, match='calibration set is empty'): collect_act_stats(m, None, [])
     with pytest.raises(ValueError, match='calibration set is empty'):
-        quantize(m, [], QuantConfig.make(method='fp', act_bits=8, act_calib='max'), progress=False)
+        quantize_model(m, [], QuantConfig.make(method='fp', act_bits=8, act_calib='max'), progress=False)
+    with pytest.raises(ValueError, match='stablequant.quantize_model'):
+        quantize(m, [], QuantConfig.make(method='rtn', act_bits=8), progress=False)
 
 
 def test_nan_weights_upstream_name_the_problem():
@@ -105,9 +108,8 @@ def w8a8_run():
     rng = np.random.default_rng(3)
     calib = [Utt(i, s, rng) for i, s in enumerate([3.0, 4.0, 2.0, 5.0])]
     cfg = QuantConfig.make(method='rtn', bits=8, group_size=-1, sym=True, n_calib=4, act_bits=8, act_calib='mse', act_n_calib=4)
-    from fade_asr.packing import quantize_packed
-    qm, rep, sols = quantize_packed(model, calib, cfg, progress=False)
-    return model, qm, rep, sols
+    qm, rep = quantize_model(model, calib, cfg, progress=False)
+    return model, qm, rep, rep.solutions
 
 
 def test_wxay_quantizes_every_layer_input_and_every_weight(w8a8_run):
