@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fade_asr.adapters import (get_adapter, tiny_random_moonshine, tiny_random_qwen3_asr, tiny_random_whisper,
-                               tiny_random_whisper_multilingual)
+from fade_asr.adapters import get_adapter
+from fade_asr.testing import tiny_random_moonshine, tiny_random_qwen3_asr, tiny_random_whisper, tiny_random_whisper_multilingual
 from fade_asr.data import Utterance
 from fade_asr.models import load_model
 from fade_asr.pipeline import QuantConfig, quantize

@@ -98,7 +98,7 @@ def test_bench_kernels_cli(tmp_path, capsys):
 
 
 def test_decoder_latency_leaves_the_model_alone():
-    from fade_asr.adapters import tiny_random_whisper
+    from fade_asr.testing import tiny_random_whisper
     m = tiny_random_whisper(d_model=64, layers=1, ffn=128)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     lat = decoder_latency(m, bits=3, group_size=64, tokens=3, repeat=1)

@@ -76,3 +76,27 @@ def test_the_check_can_fail(tmp_path):
     (node, target, at_top), = package_imports(tree)
     assert (target, at_top, node.lineno) == ('cli', False, 3)
     assert list(package_imports(ast.parse("from .quantizer import rtn\nfrom fade_asr import fade as F"))) != []
+
+
+NBS = PKG.parent / 'nbs'
+
+
+def prose_words(text: str) -> int:
+    "Words of a markdown cell's prose: table rows and fenced code do not count."
+    n, fence = 0, False
+    for line in text.split('\n'):
+        if line.strip().startswith('```'): fence = not fence; continue
+        if not fence and not line.lstrip().startswith('|'): n += len(line.split())
+    return n
+
+
+def test_lessons_keep_markdown_cells_short():
+    "A lesson reads in small steps: no markdown cell holds more than about 150 words of prose (200 at most)."
+    import json
+    long = []
+    for p in sorted(NBS.rglob('*.ipynb')):
+        if any(part.startswith(('_', '.')) for part in p.relative_to(NBS).parts): continue
+        for c in json.loads(p.read_text())['cells']:
+            if c['cell_type'] == 'markdown' and prose_words(''.join(c['source'])) > 200:
+                long.append(f"{p.relative_to(NBS)} cell {c.get('id')}")
+    assert not long, f"markdown cells over 200 words (split them at a paragraph): {long}"

@@ -12,6 +12,7 @@ from fade_asr.quantizer import QuantSpec, QuantResult, rtn
 from fade_asr.gptq import gptq
 from fade_asr.pack_format import PACK_BITS, chunk_size, pack_bits, unpack_bits, pack_layer, unpack_layer, dequantize_packed
 from fade_asr.pipeline import quantize
+from fade_asr.testing import Utt
 from fade_asr.packing import (QuantLinear, pack_model, save_packed, load_packed, packed_layers, set_backend, resolve_backend, WEIGHTS, QUANTIZE_CONFIG, tensor_bytes)
 
 os.environ.setdefault('FADE_ASR_QUIET', '1')
@@ -149,15 +150,9 @@ def test_pack_errors():
 
 
 # --- a whole (tiny random) Whisper through the real pipeline ---
-class Utt:
-    def __init__(self, i, sec, rng, text='the quick brown fox jumps over the lazy dog'):
-        self.id, self.text = f"u{i}", text
-        self.audio = (0.1 * rng.standard_normal(int(sec * 16000))).astype(np.float32)
-
-
 @pytest.fixture(scope='module')
 def packed_run():
-    from fade_asr.adapters import tiny_random_whisper
+    from fade_asr.testing import tiny_random_whisper
     from fade_asr.pipeline import QuantConfig
     model = tiny_random_whisper(seed=2)
     rng = np.random.default_rng(2)

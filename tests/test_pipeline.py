@@ -7,18 +7,12 @@ import torch
 from torch import nn
 from hypothesis import given, settings, strategies as st
 
-from fade_asr.adapters import (CalibWindow, get_adapter, pack_utterances, padding_fraction, tiny_random_whisper,
-                               name_matches)
+from fade_asr.adapters import CalibWindow, get_adapter, pack_utterances, padding_fraction, name_matches
+from fade_asr.testing import Utt, tiny_random_whisper
 from fade_asr.pipeline import QuantConfig, QuantReport, quantize
 
 os.environ.setdefault('FADE_ASR_QUIET', '1')
 G32 = dict(bits=3, group_size=32)
-
-
-class Utt:
-    def __init__(self, i, sec, rng, text='the quick brown fox jumps over the lazy dog'):
-        self.id, self.text = f"u{i}", text
-        self.audio = (0.1 * rng.standard_normal(int(sec * 16000))).astype(np.float32)
 
 
 @pytest.fixture(scope='module')
@@ -447,7 +441,7 @@ def test_real_tiny_en_fade(real):
 
 
 def test_gptq_solver_dispatch():
-    "CPU weights take the torch GPTQ loop; CUDA weights would take the fused block kernel (06_kernels)."
+    "CPU weights take the torch GPTQ loop; CUDA weights would take the fused block kernel (07_kernels)."
     from fade_asr import gptq as g, kernels as k
     from fade_asr.pipeline import _gptq_solver
     assert _gptq_solver(torch.zeros(2, 2)) is g.gptq

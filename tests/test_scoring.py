@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fade_asr import scoring as S
+from fade_asr.testing import FrameCountModel
 from fade_asr.util import atomic_write_text
 from fade_asr.scoring import (EmptyReferenceError, evaluate, load_results_json, normalize,
                               paired_bootstrap, results_json, results_table, split_long_audio, transcribe,
@@ -160,7 +161,7 @@ def _noise(seconds, seed):
 
 def test_transcribe_keeps_input_order(processor):
     # the stand-in model 'transcribes' each input as its frame count, so the text identifies the input
-    m = S._FrameCountModel(processor.tokenizer)
+    m = FrameCountModel(processor.tokenizer)
     secs = [0.4, 2.9, 1.1, 0.2, 2.0, 1.7, 0.9, 2.4, 0.6]
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(secs))
@@ -172,7 +173,7 @@ def test_transcribe_keeps_input_order(processor):
 
 
 def test_transcribe_long_form_windows(processor):
-    m = S._FrameCountModel(processor.tokenizer)
+    m = FrameCountModel(processor.tokenizer)
     a = _noise(65, 1)
     for t in (20, 48):                               # two pauses -> three windows of <= 30 s
         a[t * SR: int((t + 0.4) * SR)] = 0
@@ -187,7 +188,7 @@ def test_transcribe_long_form_windows(processor):
 @pytest.mark.parametrize("audio,match", [(np.zeros((2, 1600)), "1-D"), (np.zeros(0), "empty")])
 def test_transcribe_bad_audio(processor, audio, match):
     with pytest.raises(ValueError, match=match):
-        transcribe(S._FrameCountModel(processor.tokenizer), processor, [audio], progress=False)
+        transcribe(FrameCountModel(processor.tokenizer), processor, [audio], progress=False)
 
 
 @settings(max_examples=25, deadline=None)
@@ -221,7 +222,7 @@ def test_transcribe_tiny_random_whisper_batched_equals_single(processor):
 
 # ---------------------------------------------------------------- evaluate, tables, files
 def test_evaluate_table_json_roundtrip(processor, tmp_path):
-    m = S._FrameCountModel(processor.tokenizer)
+    m = FrameCountModel(processor.tokenizer)
     utts = [SimpleNamespace(id=f"u{i}", audio=_noise(s, i), text=str(int(s * 100) + 2))
             for i, s in enumerate([0.5, 1.5, 1.0])]
     utts[1].text = "wrong words"                     # hyp "152": 1 substitution + 1 deletion

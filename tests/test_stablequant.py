@@ -11,18 +11,12 @@ from hypothesis import given, settings, strategies as st
 from fade_asr import stablequant as SQ
 from fade_asr.actquant import (AbsHistogram, _Observe, act_layers, act_quant, attach_act_quant, calibrate_clips, collect_act_stats,
                                fake_quant_act, act_qmax)
-from fade_asr.adapters import tiny_random_whisper
+from fade_asr.testing import Utt, tiny_random_whisper
 from fade_asr.pipeline import QuantConfig, quantize
 from fade_asr.stablequant import quantize_model
 
 os.environ.setdefault('FADE_ASR_QUIET', '1')
 SETTINGS = dict(max_examples=40, deadline=None)
-
-
-class Utt:
-    def __init__(self, i, sec, rng, text='hello world'):
-        self.id, self.text = f'u{i}', text
-        self.audio = (0.1 * rng.standard_normal(int(sec * 16000))).astype(np.float32)
 
 
 def tensors(draw, n_max=400):
