@@ -121,7 +121,7 @@ def cmd_quantize(a):
     if a.save == 'packed':
         save_packed(qm, out, lm.processor, act_order=cfg.act_order,
                     extra={'report.json': json.dumps(report.to_dict(), indent=1), 'wer.md': table, 'wer.json': results_json(res)})
-        acts = f', {cfg.act_bits}-bit activation clips (act_quant.json)' if cfg.act_bits else ''
+        acts = f', {cfg.act.bits}-bit activation clips (act_quant.json)' if cfg.act.bits else ''
         print(f'saved the packed {cfg.spec.bits}-bit model ({a.checkpoint_format}, {a.scales} scales){acts}, report.json and wer.md to {out}/')
     else:
         save_quantized(qm, lm.processor, report, out, table)

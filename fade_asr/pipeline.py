@@ -539,8 +539,8 @@ def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *
     utterances `calib` (`dev`: the oracle's dev utterances; default the `dev_split` split of `calib_data`).
     Returns the quantized copy and a `QuantReport` (with each layer's solution); `model` itself is never modified."""
     cfg, t0 = resolve_config(config, **overrides), time.time()
-    if cfg.act_bits:
-        raise ValueError(f"recipe {cfg.name or cfg.method!r} quantizes activations too (act_bits={cfg.act_bits}); "
+    if cfg.act.bits:
+        raise ValueError(f"recipe {cfg.name or cfg.method!r} quantizes activations too (act_bits={cfg.act.bits}); "
                          "pipeline.quantize does the weights only: use stablequant.quantize_model (weights, then activations)")
     method = method_for(cfg)
     rep = QuantReport(cfg.method, cfg.to_dict())

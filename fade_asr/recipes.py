@@ -15,14 +15,45 @@ from .quantizer import QuantSpec, act_qmax
 from .adapters import ROLES
 
 # %% auto #0
-__all__ = ['ACT_CALIBRATIONS', 'QuantConfig', 'recipes_path', 'read_recipes', 'list_recipes', 'load_recipe', 'resolve_config']
+__all__ = ['ACT_CALIBRATIONS', 'ActConfig', 'QuantConfig', 'recipes_path', 'read_recipes', 'list_recipes', 'load_recipe',
+           'resolve_config']
 
-# %% ../nbs/12_recipes.ipynb #03257adc
+# %% ../nbs/12_recipes.ipynb #a155a810
 ACT_CALIBRATIONS = ('max', 'percentile', 'mse', 'stablequant')   # how activation clips are chosen
 
 @dataclass
+class ActConfig:
+    "How a recipe quantizes activations (StableQuant, `15_stablequant`); `bits = 0` keeps them in floating point."
+    bits: int = 0                        # activation bits; static per-tensor symmetric clips
+    calib: str = 'stablequant'           # how the clips are chosen: max | percentile | mse | stablequant
+    percentile: float = 0.01             # 'percentile': % of |x| clipped
+    gamma: float = 0.25                  # StableQuant stage 1: flag a layer whose dev WER rises more than this (points)
+    grid: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # StableQuant stage 2: clip percentiles (%)
+    n_calib: int = 32                    # calibration utterances whose activations set the clips (the first ones)
+    n_dev: int = 24                      # dev utterances for StableQuant's stages (0: the whole dev split)
+
+    def __post_init__(self):
+        if self.bits: act_qmax(self.bits)
+        if self.calib not in ACT_CALIBRATIONS:
+            raise ValueError(f"act_calib {self.calib!r} is unknown; use one of {', '.join(ACT_CALIBRATIONS)}")
+        g = self.grid
+        self.grid = tuple(float(a) for a in ((g,) if isinstance(g, (int, float, str)) else (g or ())))
+        if not self.grid or not all(0.0 <= p <= 0.5 for p in self.grid):
+            raise ValueError(f"act_grid={self.grid} must be a non-empty list of clip percentiles in [0, 0.5] %, e.g. (0, 0.01, 0.1, 0.5)")
+        if not 0 <= self.percentile < 100: raise ValueError(f"act_percentile={self.percentile} must lie in [0, 100) (% of |x| clipped)")
+        if self.gamma < 0: raise ValueError(f"act_gamma={self.gamma} must be >= 0 (WER points)")
+        if self.n_calib < 1 or self.n_dev < 0: raise ValueError("act_n_calib must be >= 1 and act_n_dev >= 0 (0: the whole dev split)")
+
+def _with_act(kw: dict, act: ActConfig | None = None) -> dict:
+    "`kw` with its flat `act_*` keys (as recipes write them) gathered into `act`, an `ActConfig` (from `act` if given)."
+    a = {k[4:]: kw.pop(k) for k in list(kw) if k.startswith('act_')}
+    if a or act is not None: kw['act'] = dataclasses.replace(kw.get('act') or act or ActConfig(), **a)
+    return kw
+
+# %% ../nbs/12_recipes.ipynb #03257adc
+@dataclass
 class QuantConfig:
-    "Every choice of one quantization run (see the field comments; recipes in settings.ini set them by name)."
+    "Every choice of one quantization run: the weights' grid (`spec`), the method and its knobs, the data, the activations (`act`)."
     method: str = 'fade'                 # a key of pipeline.METHODS: fp | rtn | gptq | qep | fade | oracle
     spec: QuantSpec = field(default_factory=QuantSpec)
     alpha: float = 0.5                   # QEP's global propagation strength
@@ -50,18 +81,13 @@ class QuantConfig:
     batch_size: int = 8                  # windows per encoder forward
     fp_cache_mb: int = 2048              # keep the FP twin's per-block linear inputs up to this size (0: re-run the FP block)
     name: str = ''                       # recipe name, for the report
-    act_bits: int = 0                    # activation bits (0: float activations); static per-tensor symmetric clips
-    act_calib: str = 'stablequant'       # how the clips are chosen: max | percentile | mse | stablequant
-    act_percentile: float = 0.01         # 'percentile': % of |x| clipped
-    act_gamma: float = 0.25              # StableQuant stage 1: flag a layer whose dev WER rises more than this (points)
-    act_grid: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # StableQuant stage 2: clip percentiles (%)
-    act_n_calib: int = 32                # calibration utterances whose activations set the clips (the first ones)
-    act_n_dev: int = 24                  # dev utterances for StableQuant's stages (0: the whole dev split)
+    act: ActConfig = field(default_factory=ActConfig)   # the activations (recipe keys act_bits, act_calib, ...)
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method.isidentifier():
             raise ValueError(f"method {self.method!r} is not a method name; use one of fp, rtn, gptq, qep, fade, oracle")
         if isinstance(self.spec, dict): self.spec = QuantSpec(**self.spec)
+        if isinstance(self.act, dict): self.act = ActConfig(**self.act)
         for k in ('qep_skip', 'include', 'exclude'):
             v = getattr(self, k)
             setattr(self, k, (v,) if isinstance(v, str) else tuple(v or ()))
@@ -84,25 +110,11 @@ class QuantConfig:
         if self.dev_split == 'test':
             raise ValueError("dev_split='test' would make choices (the oracle's alphas, StableQuant's layers) on the test data; use a held-out split such as 'dev'")
         if self.batch_size < 1 or self.blocksize < 1: raise ValueError("batch_size and blocksize must be >= 1")
-        self._check_act()
-
-    def _check_act(self):
-        "Validate the activation fields (see `fade_asr.actquant` and `fade_asr.stablequant`)."
-        if self.act_bits: act_qmax(self.act_bits)
-        if self.act_calib not in ACT_CALIBRATIONS:
-            raise ValueError(f"act_calib {self.act_calib!r} is unknown; use one of {', '.join(ACT_CALIBRATIONS)}")
-        g = self.act_grid
-        self.act_grid = tuple(float(a) for a in ((g,) if isinstance(g, (int, float, str)) else (g or ())))
-        if not self.act_grid or not all(0.0 <= p <= 0.5 for p in self.act_grid):
-            raise ValueError(f"act_grid={self.act_grid} must be a non-empty list of clip percentiles in [0, 0.5] %, e.g. (0, 0.01, 0.1, 0.5)")
-        if not 0 <= self.act_percentile < 100: raise ValueError(f"act_percentile={self.act_percentile} must lie in [0, 100) (% of |x| clipped)")
-        if self.act_gamma < 0: raise ValueError(f"act_gamma={self.act_gamma} must be >= 0 (WER points)")
-        if self.act_n_calib < 1 or self.act_n_dev < 0: raise ValueError("act_n_calib must be >= 1 and act_n_dev >= 0 (0: the whole dev split)")
 
     @classmethod
     def make(cls, bits: int = 4, group_size: int = 128, sym: bool = False, mse: bool = False, **kw) -> QuantConfig:
-        "A config from flat keyword arguments (`bits`, `group_size`, `sym`, `mse` build the `QuantSpec`)."
-        return cls(spec=QuantSpec(bits=bits, group_size=group_size, sym=sym, mse=mse), **kw)
+        "A config from flat keyword arguments (`bits`, `group_size`, `sym`, `mse` build the `QuantSpec`, `act_*` the `ActConfig`)."
+        return cls(spec=QuantSpec(bits=bits, group_size=group_size, sym=sym, mse=mse), **_with_act(kw))
 
     def to_dict(self) -> dict: return asdict(self)
 
@@ -161,21 +173,24 @@ def load_recipe(name: str, path=None, **overrides):
     cp = read_recipes(path)
     if name not in cp:
         raise KeyError(f"unknown recipe {name!r}; available: {', '.join(cp.sections())} (or add a section to {recipes_path(path)})")
-    spec_f, cfg_f = _fields(QuantSpec), {k: v for k, v in _fields(QuantConfig).items() if k != 'spec'}
-    sec, spec_kw, cfg_kw = cp[name], {}, {}
+    spec_f, act_f = _fields(QuantSpec), {f'act_{k}': v for k, v in _fields(ActConfig).items()}
+    cfg_f = {k: v for k, v in _fields(QuantConfig).items() if k not in ('spec', 'act')}
+    sec, spec_kw, act_kw, cfg_kw = cp[name], {}, {}, {}
     for key, val in sec.items():
         if key in spec_f: spec_kw[key] = _convert(val, spec_f[key], key, name)
+        elif key in act_f: act_kw[key[4:]] = _convert(val, act_f[key], key, name)
         elif key in cfg_f: cfg_kw[key] = _convert(val, cfg_f[key], key, name)
-        else: raise ValueError(f"recipe [{name}]: unknown key {key!r}; valid keys: {', '.join(sorted({**spec_f, **cfg_f}))}")
+        else: raise ValueError(f"recipe [{name}]: unknown key {key!r}; valid keys: {', '.join(sorted({**spec_f, **act_f, **cfg_f}))}")
     for k, v in overrides.items():
         if v is None: continue
         if k in spec_f: spec_kw[k] = v
+        elif k in act_f: act_kw[k[4:]] = v
         elif k in cfg_f: cfg_kw[k] = v
         else: raise TypeError(f"load_recipe() got an unknown override {k!r}")
-    return QuantConfig(spec=QuantSpec(**spec_kw), name=name, **cfg_kw)
+    return QuantConfig(spec=QuantSpec(**spec_kw), act=ActConfig(**act_kw), name=name, **cfg_kw)
 
 def resolve_config(config=None, **overrides) -> QuantConfig:
     "A `QuantConfig` from a config, a recipe name or nothing (the defaults), with keyword `overrides` applied."
     if isinstance(config, str): return load_recipe(config, **overrides)
-    if config is None: return QuantConfig(**overrides)
-    return dataclasses.replace(config, **overrides) if overrides else config
+    if config is None: return QuantConfig(**_with_act(dict(overrides)))
+    return dataclasses.replace(config, **_with_act(dict(overrides), config.act)) if overrides else config

@@ -21,7 +21,7 @@ from .util import quiet
 from .data import load_dataset, held_out
 from .adapters import get_adapter, pack_utterances
 from .scoring import evaluate
-from .recipes import resolve_config
+from .recipes import ActConfig, resolve_config
 from .pipeline import QuantReport, quantize
 from .actquant import (AbsHistogram, act_layers, act_quant, attach_act_quant,
                                calibrate_clips, collect_act_stats, quantize_weights_per_channel)
@@ -118,28 +118,28 @@ def inject_outlier_channel(model: nn.Module, attn: str, channel: int = 0, factor
 # %% ../nbs/15_stablequant.ipynb #df4de5f8
 def quantize_activations(model: nn.Module, processor, calib: Sequence, cfg, weight_layers: Sequence[str] | None = None,
                          dev: Sequence | None = None, progress: bool = True) -> dict:
-    """Quantize the activations of `model` in place as `cfg` (a `pipeline.QuantConfig` with `act_bits` > 0) says;
+    """Quantize the activations of `model` in place as `cfg` (a `QuantConfig` whose `act.bits` > 0) says;
     layers outside `weight_layers` get per-channel RTN weights unless `cfg.method` is 'fp'. Returns the report's `act` part."""
     t0 = time.time()
-    bits = cfg.act_bits
+    bits = cfg.act.bits
     mods = act_layers(model)
-    info = dict(bits=bits, calibration=cfg.act_calib)
+    info = dict(bits=bits, calibration=cfg.act.calib)
     if cfg.method != 'fp':
         done = set(weight_layers or ())
         info['per_channel_weights'] = quantize_weights_per_channel(model, [n for n in mods if n not in done], cfg.spec.bits)
     calib = list(calib or [])
-    cal = calib[:cfg.act_n_calib]
+    cal = calib[:cfg.act.n_calib]
     hists = collect_act_stats(model, processor, cal, progress=progress)
     info['n_calib_utts'] = len(cal)
-    if cfg.act_calib == 'stablequant':
+    if cfg.act.calib == 'stablequant':
         if dev is None:     # enough rows that n_dev are left once calibration utterances (weights' too) are dropped
-            dev = load_dataset(cfg.calib_data, split=cfg.dev_split, limit=cfg.act_n_dev + len(calib) if cfg.act_n_dev else None)
-        dev = held_out(dev, calib, "StableQuant's dev set")[:cfg.act_n_dev or None]
-        clips, sq = stablequant_clips(model, processor, hists, bits, dev, cfg.act_gamma, cfg.act_grid, progress)
+            dev = load_dataset(cfg.calib_data, split=cfg.dev_split, limit=cfg.act.n_dev + len(calib) if cfg.act.n_dev else None)
+        dev = held_out(dev, calib, "StableQuant's dev set")[:cfg.act.n_dev or None]
+        clips, sq = stablequant_clips(model, processor, hists, bits, dev, cfg.act.gamma, cfg.act.grid, progress)
         info.update(sq)
     else:
-        clips = calibrate_clips(hists, bits, cfg.act_calib, cfg.act_percentile)
-    attach_act_quant(model, clips, bits, calibration=cfg.act_calib)
+        clips = calibrate_clips(hists, bits, cfg.act.calib, cfg.act.percentile)
+    attach_act_quant(model, clips, bits, calibration=cfg.act.calib)
     info.update(clips=clips, amax={n: h.amax for n, h in hists.items()}, seconds=time.time() - t0)
     return info
 
@@ -149,9 +149,9 @@ def quantize_model(model: nn.Module, calib, config=None, *, processor=None, prog
     """A recipe whole: the weights of a copy of `model` with `pipeline.quantize`, then, if `act_bits` > 0, its activations
     with `quantize_activations` (`dev`: the dev utterances of the oracle and of StableQuant). Returns (copy, report)."""
     cfg = resolve_config(config, **overrides)
-    qmodel, rep = quantize(model, calib, replace(cfg, act_bits=0), processor=processor, progress=progress,
+    qmodel, rep = quantize(model, calib, replace(cfg, act=ActConfig()), processor=processor, progress=progress,
                            callback=callback, dev=dev)
-    if cfg.act_bits:
+    if cfg.act.bits:
         rep.config = cfg.to_dict()
         rep.act = quantize_activations(qmodel, get_adapter(model, processor).proc, calib, cfg, [r.name for r in rep.layers],
                                        dev=dev, progress=progress)

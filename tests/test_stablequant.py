@@ -70,9 +70,9 @@ def test_fake_quant_act_grid(data, bits, clip):
 
 
 def test_bad_inputs_get_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match='from 2 to 16'): QuantConfig(act_bits=17)
-    with pytest.raises(ValueError, match='unknown'): QuantConfig(act_bits=8, act_calib='absmax')
-    with pytest.raises(ValueError, match=r'\[0, 0.5\]'): QuantConfig(act_bits=8, act_grid=(0.0, 1.0))
+    with pytest.raises(ValueError, match='from 2 to 16'): QuantConfig.make(act_bits=17)
+    with pytest.raises(ValueError, match='unknown'): QuantConfig.make(act_bits=8, act_calib='absmax')
+    with pytest.raises(ValueError, match=r'\[0, 0.5\]'): QuantConfig.make(act_bits=8, act_grid=(0.0, 1.0))
     with pytest.raises(ValueError, match='test data'): QuantConfig(dev_split='test')
     with pytest.raises(ValueError, match='empty'): AbsHistogram().percentile_clip(1.0)
     with pytest.raises(ValueError, match='NaN'): AbsHistogram().update(torch.tensor([0.0, float('inf')]))
