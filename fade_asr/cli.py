@@ -18,6 +18,7 @@ def _datasets(names, split='test', limit=None):
     names = names or shipped_datasets()
     return {n: load_dataset(n, split=split, limit=limit) for n in names}
 
+# %% ../nbs/18_cli.ipynb #17df611d
 def evaluate_models(models: dict, datasets: dict, batch_size: int | None = None, progress: bool = True) -> dict:
     "Evaluate `{label: (model, processor)}` on `{name: SpeechDataset}`; returns `{label: {name: EvalResult}}`."
     from fade_asr.scoring import evaluate, DEFAULT_BATCH_SIZE
@@ -51,6 +52,7 @@ def render_readme(nb_path) -> str:
             parts.append(f'```python\n{code}\n```')
     return '\n\n'.join(parts) + '\n'
 
+# %% ../nbs/18_cli.ipynb #1fc66b30
 def _project_root() -> Path:
     root = Path(__file__).resolve().parents[1]
     if not (root/'nbs'/'index.ipynb').exists():
@@ -137,6 +139,7 @@ def _shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n: raise SystemExit(f"--shard {text!r}: need 0 <= i < n.")
     return i, n
 
+# %% ../nbs/18_cli.ipynb #de4e0d8f
 BENCH_SUITES = {'weights': dict(out='bench', bits=[3, 4], seeds=5), 'activations': dict(out='bench/act', bits=[8, 6, 4], seeds=3)}
 
 def cmd_bench(a):
@@ -151,6 +154,7 @@ def cmd_bench(a):
                   **({} if a.fraction is None else dict(fraction=a.fraction)))
     print(report(out))
 
+# %% ../nbs/18_cli.ipynb #920cdec6
 def cmd_bench_kernels(a):
     "Time the packed matmuls (torch path; CuPy kernels where a GPU is present) and write JSON + Markdown."
     from fade_asr.bench import write_bench_kernels
@@ -164,17 +168,20 @@ def cmd_bench_kernels(a):
     out = write_bench_kernels(a.out, e2e_model=e2e, bits=tuple(a.bits), **kw)
     print((out / 'results.md').read_text()); print(f'wrote {out}/results.json and results.md')
 
+# %% ../nbs/18_cli.ipynb #6fa2f677
 def cmd_recipes(a):
     "List the named recipes."
     from fade_asr.recipes import list_recipes, recipes_path
     print(f'recipes in {recipes_path(a.recipes)}:')
     for n in list_recipes(a.recipes): print(' ', n)
 
+# %% ../nbs/18_cli.ipynb #2270b5a7
 def cmd_build_data(a):
     "Rebuild the shipped speech data sets from their Debian and PyPI sources."
     from fade_asr.data import build_all
     build_all(a.out)
 
+# %% ../nbs/18_cli.ipynb #fa80dff0
 def cmd_readme(a):
     "Regenerate README.md from nbs/index.ipynb (or check it is up to date)."
     root = _project_root()

@@ -83,6 +83,7 @@ class SpeechDataset:
 class AudioError(ValueError):
     "An audio file is missing, empty, truncated, corrupt or holds no audio."
 
+# %% ../nbs/09_data.ipynb #c71cdc78
 class AudioFileNotFound(AudioError, FileNotFoundError):
     "The audio file does not exist."
 
@@ -96,6 +97,7 @@ def _decoded_seconds(c, s) -> float | None:
     if c.duration is not None: return c.duration / 1e6
     return None
 
+# %% ../nbs/09_data.ipynb #76ee1836
 def _wav_declared_seconds(path: Path) -> float | None:
     "Duration a RIFF/WAVE header declares (FFmpeg clamps it to the file size, hiding truncation)."
     with open(path, 'rb') as f:
@@ -115,6 +117,7 @@ def _wav_declared_seconds(path: Path) -> float | None:
                 return size / align / rate
             else: f.seek(size + (size & 1), 1)
 
+# %% ../nbs/09_data.ipynb #5c1d7666
 def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     "Decode any audio file PyAV reads to mono float32 at `sr` Hz (G.722 recognised by its `.g722` suffix)."
     path = Path(path)
@@ -210,6 +213,7 @@ def _warn_skipped(name: str, skipped: Sequence[tuple[str, str]]):
     more = f"\n  ... and {len(skipped) - 10} more (see .skipped)" if len(skipped) > 10 else ''
     warnings.warn(f"{name}: skipped {len(skipped)} utterance(s):\n{lines}{more}", stacklevel=3)
 
+# %% ../nbs/09_data.ipynb #af3d6c20
 def _load_rows(rows, name, source, check_duration=True) -> tuple[list[Utterance], list[tuple[str, str]]]:
     "Decode the audio of manifest rows, collecting failures instead of raising."
     utts, skipped = [], []
@@ -223,6 +227,7 @@ def _load_rows(rows, name, source, check_duration=True) -> tuple[list[Utterance]
         utts.append(Utterance(r['id'], a, r['text'], r.get('source', source)))
     return utts, skipped
 
+# %% ../nbs/09_data.ipynb #2b500678
 def load_manifest(path: str | os.PathLike, split: str | None = None, name: str | None = None,
                   limit: int | None = None) -> SpeechDataset:
     "Load a JSONL manifest (`path`/`file`, `text`[, `id`, `split`]) into a `SpeechDataset`; bad lines and files are skipped with a warning."
@@ -244,8 +249,10 @@ def text_key(text: str) -> str:
     "Normalised transcript used to group identical sentences: lower case, letters/digits/apostrophes only."
     return ' '.join(re.findall(r"[a-z0-9']+", text.lower()))
 
+# %% ../nbs/09_data.ipynb #5e28932b
 def _h(salt: str, key: str) -> str: return hashlib.sha256(f"{salt}\x00{key}".encode()).hexdigest()
 
+# %% ../nbs/09_data.ipynb #07fb7ff9
 def assign_splits(keys: Sequence[str], fractions: dict[str, float], salt: str) -> list[str]:
     "Deterministic split per key: distinct keys sorted by salted SHA-256, cut at exact quotas (last split takes the rest)."
     if abs(sum(fractions.values()) - 1) > 1e-9: raise ValueError(f"Split fractions must sum to 1: {fractions}.")
@@ -265,16 +272,19 @@ def data_dir() -> Path:
     "Folder holding the shipped data sets (`$FADE_ASR_DATA_DIR` or `fade_asr/assets/data`)."
     return Path(os.environ.get('FADE_ASR_DATA_DIR', _PKG_DIR / 'assets' / 'data'))
 
+# %% ../nbs/09_data.ipynb #534688cd
 def shipped_datasets() -> list[str]:
     "Names of the data sets shipped with the package."
     d = data_dir()
     return sorted(p.parent.name for p in d.glob('*/manifest.jsonl')) if d.exists() else []
 
+# %% ../nbs/09_data.ipynb #00a78cce
 def dataset_info(name: str) -> dict:
     "The `info.json` of a shipped set: counts, durations, sources, build details."
     _check_name(name)
     return json.loads((data_dir() / name / 'info.json').read_text())
 
+# %% ../nbs/09_data.ipynb #459c392f
 def _check_name(name: str):
     names = shipped_datasets()
     if name not in names:
@@ -298,6 +308,7 @@ def parse_data_spec(name) -> tuple[str, Path] | None:
     if not path.strip(): raise ValueError(f"data spec {name!r} has no path; {_SPEC_HELP}")
     return kind, Path(path.strip()).expanduser()
 
+# %% ../nbs/09_data.ipynb #ef755bd8
 def _need_dir(p: Path, what: str, example: str) -> Path:
     if not p.exists(): raise FileNotFoundError(f"{p} does not exist; expected {what} (e.g. {example})")
     if not p.is_dir(): raise NotADirectoryError(f"{p} is a file; expected {what} (e.g. {example})")
@@ -334,6 +345,7 @@ def tedlium_text(text: str) -> str:
     t = re.sub(r"(\w) '(\w)", r"\1'\2", ' '.join(t.split()))
     return ' '.join(t.split())
 
+# %% ../nbs/09_data.ipynb #0a72c3bd
 def tedlium_rows(root: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
     "Rows of a TED-LIUM 3 directory (`stm/*.stm` + `sph/*.sph`): one per scored stm segment."
     root = _need_dir(Path(root), 'a TED-LIUM 3 directory with stm/ and sph/', 'TEDLIUM_release-3/legacy/test')
@@ -406,6 +418,7 @@ def _hf_dataset(path: Path, split: str | None):
         else: raise ValueError(f"{path} holds the splits {list(ds)} but not {split!r}; name one as hf:{path / list(ds)[0]}")
     return ds
 
+# %% ../nbs/09_data.ipynb #b5729278
 def hf_rows(path: str | os.PathLike, split: str | None = 'test'):
     "Rows of a saved Hugging Face dataset (its audio column undecoded, read by PyAV later) and the dataset itself."
     import datasets
@@ -436,6 +449,7 @@ def _resample(x: np.ndarray, sr: int, to: int = SAMPLE_RATE) -> np.ndarray:
     out = [f.to_ndarray()[0] for f in rs.resample(fr)] + [f.to_ndarray()[0] for f in rs.resample(None)]
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
+# %% ../nbs/09_data.ipynb #d77c8c28
 def _hf_audio(v) -> np.ndarray:
     if isinstance(v, dict) and v.get('array') is not None: return _resample(v['array'], int(v['sampling_rate']))
     if isinstance(v, dict) and v.get('bytes'):
@@ -448,6 +462,7 @@ def _hf_audio(v) -> np.ndarray:
     raise AudioError(f"cannot read an audio value of type {type(v).__name__}; expected an Audio feature, a path, "
                      f"or {{'array', 'sampling_rate'}}")
 
+# %% ../nbs/09_data.ipynb #216b5c15
 def _decode_corpus_rows(rows, source: str, hf=None) -> tuple[list[Utterance], list[tuple[str, str]]]:
     "Decode the audio of corpus rows; failures are collected, not raised."
     utts, skipped, talk = [], [], (None, None)
@@ -477,6 +492,7 @@ def corpus_rows(kind: str, path: str | os.PathLike, split: str | None = 'test'):
         return [{'id': r['id'], 'text': r['text'], 'file': r['file']} for r in rows], bad, None
     raise ValueError(f"unknown corpus kind {kind!r}; {_SPEC_HELP}")
 
+# %% ../nbs/09_data.ipynb #b11ebc42
 def load_corpus(kind: str, path: str | os.PathLike, split: str | None = 'test', limit: int | None = None,
                 name: str | None = None, pick=None) -> SpeechDataset:
     "Load a corpus from disk (`kind` in `CORPUS_KINDS`); `limit`: the first rows only; `pick(n_rows)`: row indices to keep."
@@ -508,6 +524,7 @@ def load_dataset(name: str, split: str = 'test', limit: int | None = None) -> Sp
     ds = load_manifest(data_dir() / name / 'manifest.jsonl', split=split, name=name, limit=limit)
     return ds
 
+# %% ../nbs/09_data.ipynb #8e88db9b
 def calibration_subset(name: str, n: int, seed: int) -> SpeechDataset:
     "Draw `n` utterances (without replacement, seeded) from the 'calib' split of shipped set `name`, or from a corpus spec."
     if (spec := parse_data_spec(name)) is not None:      # draw among the listed rows; decode only the n drawn
@@ -553,6 +570,7 @@ def parse_asterisk_transcripts(text: str) -> list[tuple[str, str]]:
         out.append((name.strip(), t.strip()))
     return out
 
+# %% ../nbs/09_data.ipynb #513aba5c
 _ANNOT = re.compile(r"\[[^\]]*\]|\([^)]*\)|<[^>]*>")
 _SPOKEN_SYMBOLS = {'#': ' pound ', '*': ' star '}   # what the speaker says for the keypad symbols
 
@@ -562,6 +580,7 @@ def clean_prompt_text(text: str) -> str:
     for sym, word in _SPOKEN_SYMBOLS.items(): t = t.replace(sym, word)
     return ' '.join(t.split())
 
+# %% ../nbs/09_data.ipynb #a307aaf9
 def select_prompts(entries: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     "Keep entries with spoken text; return `(kept, dropped)` with the reason for each drop."
     kept, dropped = [], []
@@ -594,6 +613,7 @@ def fetch_debian_packages(packages: Sequence[str], work_dir: str | os.PathLike) 
 # %% ../nbs/09_data.ipynb #6aeb80d2
 def _sha256_file(p: Path) -> str: return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
+# %% ../nbs/09_data.ipynb #44c1861e
 def summarize_rows(rows: Sequence[dict]) -> dict:
     "Counts and durations per split of manifest rows."
     out = {}
@@ -602,6 +622,7 @@ def summarize_rows(rows: Sequence[dict]) -> dict:
         s['n'] += 1; s['seconds'] += r['duration']; s['max_seconds'] = max(s['max_seconds'], r['duration'])
     return {k: {**v, 'seconds': round(v['seconds'], 2)} for k, v in sorted(out.items())}
 
+# %% ../nbs/09_data.ipynb #0895d436
 def finalize_set(tmp_dir: Path, out_dir: Path, rows: list[dict], info: dict, license_text: str, attribution: str):
     "Write manifest, info, licence files into `tmp_dir`, then atomically swap it in as `out_dir`."
     tmp_dir, out_dir = Path(tmp_dir), Path(out_dir)
@@ -622,6 +643,7 @@ def finalize_set(tmp_dir: Path, out_dir: Path, rows: list[dict], info: dict, lic
     if old.exists(): shutil.rmtree(old)
     return info
 
+# %% ../nbs/09_data.ipynb #bc6525fd
 def _row(id_, file, text, split, duration, source, sha):
     return dict(id=id_, file=file, text=text, split=split, duration=round(duration, 4), source=source, sha256=sha)
 
@@ -631,6 +653,7 @@ ASTERISK_FRACTIONS = {'dev': 0.10, 'calib': 0.30, 'test': 0.60}
 
 def _file_name(id_: str, ext: str) -> str: return 'audio/' + id_.replace('/', '__') + ext
 
+# %% ../nbs/09_data.ipynb #93e92022
 def build_asterisk(out_dir: str | os.PathLike, work_dir: str | os.PathLike | None = None,
                    max_seconds: float = 30.0, fractions: dict = ASTERISK_FRACTIONS) -> dict:
     "Build the `asterisk` set under `out_dir/asterisk` from the Debian packages; return its info."
@@ -703,6 +726,7 @@ def piper_synthesizer():
     synth.voice_card = joe.model_card_path().read_text()
     return synth
 
+# %% ../nbs/09_data.ipynb #1ce0a9ee
 def festival_synthesizer(voice: str = 'cmu_us_slt_arctic_hts'):
     "A function text -> 16-kHz float32 audio using festival's `text2wave` (needs festival + festvox-us-slt-hts)."
     if shutil.which('text2wave') is None:
@@ -727,6 +751,7 @@ def select_sentences(sentences: Sequence[str], n: int | None, salt: str = 'harva
     keys = sorted(uniq, key=lambda k: _h(salt, k))
     return [uniq[k] for k in keys[:n]]
 
+# %% ../nbs/09_data.ipynb #718f2b31
 def build_harvard(out_dir: str | os.PathLike, voice: str = 'piper', n: int | None = 330,
                   work_dir: str | os.PathLike | None = None, fractions: dict = HARVARD_FRACTIONS,
                   name: str | None = None) -> dict:

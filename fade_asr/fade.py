@@ -28,6 +28,7 @@ def v_int(W: torch.Tensor, spec: QuantSpec = QuantSpec()) -> float:
     ratio = float((Wd - r.weight).double().norm()) / nw if nw > 0 else 0.0
     return math.log(max(ratio, _FLOOR))
 
+# %% ../nbs/05_fade.ipynb #ebbfed93
 def excess_kurtosis(W: torch.Tensor) -> float:
     "Excess kurtosis E[(w−μ)⁴]/σ⁴ − 3 of all entries of `W` (0 for a constant W). Gaussian weights give ≈ 0."
     check_finite(W, "the weight", "fix the checkpoint before computing diagnostics.")
@@ -69,6 +70,7 @@ def _sim_cos(ratio: float, snr: float, damp: float, reps: int, seed: int, d: int
         cs.append(float(D[0] @ D[1] / (D[0].norm() * D[1].norm())))
     return sum(cs) / len(cs)
 
+# %% ../nbs/05_fade.ipynb #fc5af814
 def r_noise_floor(d_in: int, n_tokens: int, snr: float = 1.0, damp: float = 1.0, reps: int = 4,
                   seed: int = 0, clip: float = 0.999) -> float:
     "Expected split-half R (atanh cos) of a QEP correction with signal-to-noise `snr` from `n_tokens` per half and `d_in` inputs (Monte-Carlo; snr = 0 gives ≈ 0)."
@@ -77,6 +79,7 @@ def r_noise_floor(d_in: int, n_tokens: int, snr: float = 1.0, damp: float = 1.0,
     c = _sim_cos(ratio, float(snr), float(damp), reps, seed)
     return math.atanh(min(max(c, -clip), clip))
 
+# %% ../nbs/05_fade.ipynb #13b23820
 def r_score_one_pass(r: float | None, d_in: int, n_tokens: int, snr: float = 1.0, scale: float = 0.5) -> float:
     "Optional one-pass normaliser: (R − r_noise_floor(d_in, n_tokens, snr)) / scale; None (uninformative) -> 0."
     return 0.0 if r is None else (r - r_noise_floor(d_in, n_tokens, snr)) / scale
@@ -93,6 +96,7 @@ def zscore(values: Sequence[float]) -> list[float]:
     if sd <= 1e-12 * max(1.0, abs(mu)): return [0.0] * len(xs)
     return [(x - mu) / sd for x in xs]
 
+# %% ../nbs/05_fade.ipynb #731a2b43
 def alpha_from_score(s: float, alpha_min: float = 0.0, alpha_max: float = 0.9) -> float:
     "α = clip(α_min + (α_max − α_min)·σ(s), α_min, α_max); s = 0 gives the midpoint (0.45 by default)."
     if not (0.0 <= alpha_min <= alpha_max <= 1.0):
@@ -120,6 +124,7 @@ def fade_scores(v_raw: Mapping[str, float], r_raw: Mapping[str, float | None], u
                       v=zv[k], r=zr.get(k, 0.0), s=s, alpha=alpha_from_score(s, alpha_min, alpha_max))
     return out
 
+# %% ../nbs/05_fade.ipynb #5adfe1fe
 def fade_alphas(v_raw: Mapping[str, float], r_raw: Mapping[str, float | None], use_v: bool = True, use_r: bool = True,
                 alpha_min: float = 0.0, alpha_max: float = 0.9) -> dict[str, float]:
     "FADE's per-layer α from raw V_int and R_calib (z-scored across the given layers)."

@@ -30,6 +30,7 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, name: str | None) -> None:
         raise ValueError(f"{pre}the Hessian has negative diagonal entries, so it is not X Xᵀ of any data; "
                          f"build it as a (running) mean of x xᵀ over calibration tokens.")
 
+# %% ../nbs/03_gptq.ipynb #9e3125f7
 def layer_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     "The layer-wise loss $\\mathrm{tr}((W-Q)H(W-Q)^\\top)$ in the scale of `H`."
     dt = compute_dtype(W, Q, H)
@@ -79,6 +80,7 @@ def _prepare(W, H, spec, act_order, static_groups, name):
     if perm is not None: W, H = W[:, perm], H[perm][:, perm]
     return W, H, perm, static, G, ng, mean_diag
 
+# %% ../nbs/03_gptq.ipynb #bace2d46
 def _finish(Q, codes, scales, zeros, perm, static, G, spec, W0, H0):
     n = Q.shape[1]
     dev = Q.device

@@ -26,6 +26,7 @@ def cupy_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception: return False          # not installed, no driver, no device: all mean "use torch"
 
+# %% ../nbs/07_kernels.ipynb #f5023fd2
 def _cupy():
     if not cupy_available():
         raise RuntimeError("the CuPy kernels need CuPy and a CUDA GPU: pip install 'fade_asr[gpu]' (cupy-cuda13x) on a machine with one")
@@ -184,9 +185,11 @@ CUDA_SOURCES = {'dequant_gemv': _GEMV, 'dequant_gemm': _GEMM, 'gptq_block': _GPT
 def _module(name: str):
     return _cupy().RawModule(code=CUDA_SOURCES[name], options=('-std=c++17',))
 
+# %% ../nbs/07_kernels.ipynb #81b350a0
 def _cp(t: torch.Tensor):
     return _cupy().from_dlpack(t.contiguous())
 
+# %% ../nbs/07_kernels.ipynb #579a8d2f
 def reference_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, fmt: str = 'v1') -> torch.Tensor:
     "Torch reference of the kernels: `x [T, n] @ Ŵᵀ` in fp32, with Ŵ unpacked from the GPTQ tensors."
     q = unpack_bits(qweight, bits).float()                              # [n, m]
@@ -196,6 +199,7 @@ def reference_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int,
     W = scales.float()[gi] * (q - z.float()[gi])
     return x.float() @ W
 
+# %% ../nbs/07_kernels.ipynb #e9571db5
 def quant_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, fmt: str = 'v1') -> torch.Tensor:
     "`x [T, n] @ Ŵᵀ` on the GPU with the CuPy kernels (fp16 activations and scales, fp32 accumulation); returns fp32 [T, m]."
     if bits not in PACK_BITS: raise ValueError(f"bits={bits} has no kernel; use one of {PACK_BITS}")

@@ -166,6 +166,7 @@ def _n_layers(names, prefix: str) -> int:
     if idx != set(range(len(idx))): raise Ct2FormatError(f"{prefix} layers are not numbered 0..n-1: {sorted(idx)}")
     return len(idx)
 
+# %% ../nbs/08_models.ipynb #e1e8ba81
 def _special_ids(tokenizer_json: Path) -> dict[str, int]:
     "Map each added (special) token's text to its id."
     tj = json.loads(Path(tokenizer_json).read_text(encoding='utf-8'))
@@ -254,6 +255,7 @@ def _whisper_tokenizer(d: Path, vocab_size: int, sp: dict[str, int]):
     eot = '<|endoftext|>'
     return WhisperTokenizer(tokenizer_object=tk, unk_token=eot, bos_token=eot, eos_token=eot, pad_token=eot)
 
+# %% ../nbs/08_models.ipynb #b28a87a6
 def _whisper_generation_config(config, cfg: dict, sp: dict[str, int]):
     from transformers import GenerationConfig
     multi = config.vocab_size >= 51865
@@ -355,6 +357,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     import platformdirs
     return Path(platformdirs.user_cache_dir('fade_asr'))
 
+# %% ../nbs/08_models.ipynb #61b0948c
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     "Hex SHA-256 of a file, read in chunks."
     h = hashlib.sha256()
@@ -372,6 +375,7 @@ def _fsync(path: Path):
     except OSError:
         if path.is_file(): raise
 
+# %% ../nbs/08_models.ipynb #e0842c55
 def cache_entry_valid(d: Path) -> bool:
     "True if `d` is a complete cache entry: marker present, our converter version, every listed file at its size."
     try:
@@ -414,6 +418,7 @@ class ModelFamily:
     model_types: tuple[str, ...]
     load: Callable[[Path, torch.dtype], tuple[Any, Any]]  # (dir, dtype) -> (model, processor)
 
+# %% ../nbs/08_models.ipynb #446b5186
 MODEL_FAMILIES: dict[str, ModelFamily] = {}
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -421,6 +426,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
     MODEL_FAMILIES[family.name] = family
     return family
 
+# %% ../nbs/08_models.ipynb #c67d2290
 def family_for(model_type: str) -> ModelFamily:
     "The registered family whose `model_types` include `model_type`."
     for fam in MODEL_FAMILIES.values():
@@ -446,12 +452,14 @@ def _from_pretrained(cls, d: Path, dtype: torch.dtype):
                          f"different models; re-save the checkpoint with save_pretrained, or fix config.json")
     return model
 
+# %% ../nbs/08_models.ipynb #2c35c0e7
 def _load_whisper_hf(d: Path, dtype: torch.dtype = torch.float32):
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
     model = _from_pretrained(WhisperForConditionalGeneration, d, dtype)
     proc = WhisperProcessor.from_pretrained(d, local_files_only=True)
     return model, proc
 
+# %% ../nbs/08_models.ipynb #a7e11c02
 def _auto_loader(cls_name: str):
     "A family loader: the `transformers` class `cls_name` and the checkpoint's own `AutoProcessor`."
     def load(d: Path, dtype: torch.dtype = torch.float32):
@@ -515,6 +523,7 @@ def _load_ct2_cached(d: Path, cache_dir, dtype) -> LoadedModel:
     _write_cache_entry(model, proc, entry, {'source': str(d), 'model_bin_sha256': file_sha256(d / 'model.bin')})
     return LoadedModel(model.to(dtype).eval(), proc, 'whisper', str(d), entry, converted=True)
 
+# %% ../nbs/08_models.ipynb #655cf174
 def load_model(source: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
                dtype: torch.dtype = torch.float32) -> LoadedModel:
     "Load a speech model for inference: bundled tiny.en (`None`), a CTranslate2 Whisper dir (cached conversion) or a Hugging Face dir."

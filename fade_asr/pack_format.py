@@ -27,10 +27,12 @@ def chunk_size(bits: int) -> tuple[int, int]:
     p = 32 // math.gcd(bits, 32)
     return p, bits * p // 32
 
+# %% ../nbs/06_pack_format.ipynb #15c124fa
 def _to_int32(x: torch.Tensor) -> torch.Tensor:
     "int64 holding unsigned 32-bit words -> int32 with the same bits."
     return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
 
+# %% ../nbs/06_pack_format.ipynb #1298430b
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     "Pack integer `codes` [k, ...] in [0, 2^bits) along dim 0 into int32 words [k·bits/32, ...] (little-endian bit stream)."
     p, nw = chunk_size(bits)
@@ -58,6 +60,7 @@ def _shifts(bits: int, device) -> torch.Tensor:
         _SHIFTS[key] = torch.arange(0, 32, bits, dtype=torch.int32, device=device)
     return _SHIFTS[key]
 
+# %% ../nbs/06_pack_format.ipynb #8770aa6f
 def _unpack_last(words: torch.Tensor, bits: int) -> torch.Tensor:
     "Like `unpack_bits` but along the last dimension of a 2-D `words` [r, k·bits/32] -> [r, k] (the forward pass's layout), in int32 only."
     p, nw = chunk_size(bits)
@@ -73,6 +76,7 @@ def _unpack_last(words: torch.Tensor, bits: int) -> torch.Tensor:
              (w2.unsqueeze(-1) >> (sh + 2)) & 7]                         # codes 22-31
     return torch.cat(parts, -1).view(r, K // 3 * 32)
 
+# %% ../nbs/06_pack_format.ipynb #3cea5a3e
 def unpack_bits(words: torch.Tensor, bits: int, k: int | None = None) -> torch.Tensor:
     "Inverse of `pack_bits`: int32 `words` [k·bits/32, ...] -> codes [k, ...] (int32; int64 for 3 bits on the way)."
     p, nw = chunk_size(bits)
@@ -118,10 +122,12 @@ class PackedLayer:
         if self.bias is not None: d['bias'] = self.bias
         return d
 
+# %% ../nbs/06_pack_format.ipynb #712fce0d
 def _check_format(fmt: str) -> str:
     if fmt not in ('v1', 'v2'): raise ValueError(f"checkpoint format {fmt!r} is unknown; use 'v1' (stores zero-1, AutoGPTQ) or 'v2' (GPTQModel)")
     return fmt
 
+# %% ../nbs/06_pack_format.ipynb #73463a76
 def pack_layer(res: QuantResult, bias: torch.Tensor | None = None, fmt: str = 'v1',
                scale_dtype: torch.dtype = torch.float16) -> PackedLayer:
     "Pack a `QuantResult` ([m, n] codes, [m, n/G] scales/zeros, [n] g_idx) into the GPTQ layout."
@@ -138,6 +144,7 @@ def pack_layer(res: QuantResult, bias: torch.Tensor | None = None, fmt: str = 'v
     return PackedLayer(qweight, qzeros, scales, res.g_idx.to(torch.int32).contiguous(), b,
                        None if bias is None else bias.detach().clone())
 
+# %% ../nbs/06_pack_format.ipynb #92610fce
 def unpack_layer(p: PackedLayer, fmt: str = 'v1') -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Codes `[n, m]`, zeros `[n/G, m]` (int32, format `fmt` undone) and scales `[n/G, m]` of a packed layer."
     _check_format(fmt)
@@ -146,6 +153,7 @@ def unpack_layer(p: PackedLayer, fmt: str = 'v1') -> tuple[torch.Tensor, torch.T
     if fmt == 'v1': z = (z + 1) & (2**p.bits - 1)
     return q, z, p.scales
 
+# %% ../nbs/06_pack_format.ipynb #ace4a8b8
 def dequantize_packed(p: PackedLayer, fmt: str = 'v1', dtype: torch.dtype = torch.float32) -> torch.Tensor:
     "The weight $\\hat W = s\\,(q - z)$ `[m, n]` of a packed layer, computed in `dtype` exactly as the quantizer does."
     q, z, s = unpack_layer(p, fmt)

@@ -39,6 +39,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if not cupy_available(): raise ValueError("backend 'cupy' needs CuPy and a GPU: pip install 'fade_asr[gpu]' (cupy-cuda13x), or use backend='torch'")
     return b
 
+# %% ../nbs/16_packing.ipynb #a9564030
 class QuantLinear(nn.Module):
     "A packed GPTQ-layout replacement for `nn.Linear(in_features, out_features)`: `bits`-bit codes, groups of `group_size` (-1: whole row)."
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128, bias: bool = True,
@@ -119,6 +120,7 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent, _, leaf = name.rpartition('.')
     return (model.get_submodule(parent) if parent else model), leaf
 
+# %% ../nbs/16_packing.ipynb #3dfe9da2
 def pack_model(qmodel: nn.Module, solutions: dict[str, QuantResult], fmt: str = 'v1',
                scale_dtype: torch.dtype = torch.float16, backend: str = 'auto') -> nn.Module:
     "Replace every linear named in `solutions` (a quantize report's `solutions`) by a `QuantLinear`, in place; returns `qmodel`."
@@ -141,10 +143,12 @@ def pack_model(qmodel: nn.Module, solutions: dict[str, QuantResult], fmt: str = 
         restore_act_quant(qmodel, qmodel._fade_act)
     return qmodel
 
+# %% ../nbs/16_packing.ipynb #cfc04c7c
 def packed_layers(model: nn.Module) -> dict[str, QuantLinear]:
     "The `QuantLinear` modules of a model, by name."
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
+# %% ../nbs/16_packing.ipynb #dd79f101
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     "Force the backend (`'auto'`, `'torch'`, `'cupy'`) of every `QuantLinear` in `model`."
     if backend not in BACKENDS: raise ValueError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
@@ -167,6 +171,7 @@ def quantize_config(model: nn.Module, act_order: bool = False) -> dict:
             'static_groups': False, 'quant_method': 'gptq', 'checkpoint_format': 'gptq' if info['fmt'] == 'v1' else 'gptq_v2',
             'fade_asr': {'format': info['fmt'], 'scale_dtype': info['scale_dtype'], 'modules': sorted(layers)}}
 
+# %% ../nbs/16_packing.ipynb #805214e2
 def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     "Drop tensors that share storage with an earlier one (tied weights); returns (kept, dropped names)."
     seen, kept, dropped = set(), {}, []
@@ -177,6 +182,7 @@ def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[
         kept[k] = v.contiguous()
     return kept, dropped
 
+# %% ../nbs/16_packing.ipynb #c89ef316
 def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = False, extra: dict[str, str] | None = None) -> Path:
     "Atomically write a packed model (from `pack_model`) to `out_dir`: model.safetensors, config.json, quantize_config.json, processor files, and `extra` {file name: text}."
     from safetensors.torch import save_file
@@ -199,6 +205,7 @@ def is_packed_dir(path) -> bool:
     "True if `path` is a directory holding a packed checkpoint (a `quantize_config.json`)."
     return Path(path).is_dir() and (Path(path) / QUANTIZE_CONFIG).is_file()
 
+# %% ../nbs/16_packing.ipynb #24bd98f8
 def read_packed_tensors(path) -> dict[str, torch.Tensor]:
     "All tensors of a safetensors file, with a clear error for a missing, truncated or corrupt file."
     from safetensors import safe_open
@@ -210,6 +217,7 @@ def read_packed_tensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated or "
                          f"corrupt: re-create it with `fade-asr quantize` (writes are atomic, so a partial copy is the usual cause)") from None
 
+# %% ../nbs/16_packing.ipynb #e249cdd5
 def _model_class(config):
     "The `transformers` class a saved config names (`architectures`), else the speech seq2seq auto class."
     import transformers
@@ -217,6 +225,7 @@ def _model_class(config):
         if hasattr(transformers, name): return getattr(transformers, name)
     return transformers.AutoModelForSpeechSeq2Seq
 
+# %% ../nbs/16_packing.ipynb #32ce37e1
 def _fill_computed_buffers(model: nn.Module, cls, config, stored: set):
     """Non-persistent buffers (rotary `inv_freq`, sinusoid position tables) are computed in `__init__`, never
     stored, so a model built on the meta device lacks them: take them from one model built on the CPU."""
@@ -229,17 +238,20 @@ def _fill_computed_buffers(model: nn.Module, cls, config, stored: set):
         mod, _, leaf = n.rpartition('.')
         model.get_submodule(mod)._buffers[leaf] = ref[n]
 
+# %% ../nbs/16_packing.ipynb #d5ce9327
 ACT_QUANT = 'act_quant.json'    # the activation clips of a WxAy model (written only when activations are quantized)
 
 def write_act_quant(model: nn.Module, out_dir) -> None:
     "Write `model`'s activation clips to `out_dir/act_quant.json` (nothing when its activations are not quantized)."
     if getattr(model, '_fade_act', None): (Path(out_dir) / ACT_QUANT).write_text(json.dumps(model._fade_act, indent=1))
 
+# %% ../nbs/16_packing.ipynb #466015d4
 def load_act_quant(model: nn.Module, path) -> nn.Module:
     "Reattach the activation quantizers stored in `act_quant.json`, with a clear error for a damaged file."
     try: return restore_act_quant(model, json.loads(Path(path).read_text()))
     except ValueError as e: raise ValueError(f"{path} is damaged ({e}): re-run `fade-asr quantize`") from None
 
+# %% ../nbs/16_packing.ipynb #680072ba
 def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32):
     "Load a packed checkpoint directory: returns (model with `QuantLinear`s, processor or None)."
     from transformers import AutoConfig, AutoProcessor
@@ -290,6 +302,7 @@ def tensor_bytes(model: nn.Module) -> int:
     sd, _ = _dedupe(model.state_dict())
     return sum(t.numel() * t.element_size() for t in sd.values())
 
+# %% ../nbs/16_packing.ipynb #2c220994
 def linear_bytes(model: nn.Module, names) -> tuple[int, int]:
     "(bytes, weights) of the linears `names` of `model`: fp weights + bias, or packed tensors + bias."
     tot = n = 0

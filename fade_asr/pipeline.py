@@ -53,6 +53,7 @@ class LayerRecord:
     seconds: float = 0.0
     oracle_curve: list[float] = field(default_factory=list)
 
+# %% ../nbs/13_pipeline.ipynb #ee3c1aea
 def _jsonable(x):
     if isinstance(x, float) and not math.isfinite(x): return None
     if isinstance(x, dict): return {k: _jsonable(v) for k, v in x.items()}
@@ -148,6 +149,7 @@ def prepare_windows(adapter: ModelAdapter, calib, cfg: QuantConfig, model: nn.Mo
 # %% ../nbs/13_pipeline.ipynb #c89d8395
 class _Stop(Exception): pass
 
+# %% ../nbs/13_pipeline.ipynb #c62d62b4
 class _Tap:
     "Forward hooks on a block's linears: record inputs of `collect`, outputs of `measure`; stop once `collect` all fired."
     def __init__(self, block, collect: Sequence[str], measure: Sequence[str], stop: bool):
@@ -165,6 +167,7 @@ class _Tap:
     def remove(self):
         for h in self.hs: h.remove()
 
+# %% ../nbs/13_pipeline.ipynb #8caf620c
 def _run(adapter, block, hidden, kw):
     try: return adapter.run_block(block, hidden, kw)
     except _Stop: return None
@@ -172,6 +175,7 @@ def _run(adapter, block, hidden, kw):
 # %% ../nbs/13_pipeline.ipynb #3e03fb92
 def _stats(n_in: int) -> LayerStats: return LayerStats(n_in)
 
+# %% ../nbs/13_pipeline.ipynb #c9a846d5
 def _split_half(W, st, cfg: QuantConfig, name: str) -> tuple[float, float]:
     "FADE's raw R_calib and the cosine for one layer, from the two halves' full (α = 1) QEP corrections."
     if not st.has_halves(): return float('nan'), float('nan')
@@ -182,10 +186,12 @@ def _split_half(W, st, cfg: QuantConfig, name: str) -> tuple[float, float]:
     cos = float((dA.double().flatten() @ dB.double().flatten()) / (na * nb)) if na > 0 and nb > 0 else float('nan')
     return F.r_calib(dA, dB), cos     # cos is NaN where a correction is zero (no upstream error: delta = 0)
 
+# %% ../nbs/13_pipeline.ipynb #bb09dffb
 def _gptq_solver(W: torch.Tensor):
     "GPTQ for `W`: on a CUDA device, `kernels.gptq_gpu` (the fused block kernel of `07_kernels`, same contract; it falls back itself where the kernel does not apply), else `gptq.gptq`."
     return gptq_gpu if W.is_cuda else gptq
 
+# %% ../nbs/13_pipeline.ipynb #2a1769eb
 def _override(name: str, ov: dict) -> float | None:
     if name in ov: return float(ov[name])
     for p, a in ov.items():
@@ -228,6 +234,7 @@ class FP(Method):
     "Full precision: nothing is quantized."
     quantizes = False
 
+# %% ../nbs/13_pipeline.ipynb #bf4e313e
 class RTN(Method):
     "Round to nearest: the grid alone, no data (the pass still measures its errors)."
     corrects = diagnoses = False
@@ -235,10 +242,12 @@ class RTN(Method):
         rec.alpha = float(self.layer_alpha(rec, mom))
         return rtn(W, self.cfg.spec)
 
+# %% ../nbs/13_pipeline.ipynb #c3bed0d1
 class GPTQ(Method):
     "GPTQ on the partly quantized model's inputs, no correction."
     corrects = False
 
+# %% ../nbs/13_pipeline.ipynb #dcb0092f
 class QEP(Method):
     "QEP with one global α for every layer."
     def alpha(self, rec, mom): return self.cfg.alpha
@@ -249,12 +258,14 @@ def oracle_objective(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, C: torch
     W, Q, H, C = (t.double() for t in (W, Q, H, C))
     return float(((Q @ H) * Q).sum() - 2 * ((Q @ (H + C.T)) * W).sum())
 
+# %% ../nbs/13_pipeline.ipynb #73e58537
 def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, C: torch.Tensor, wd2: float) -> float:
     "(1/N)‖W X − Q X̂‖² from the moments `H`, `C` and `wd2` = (1/N)‖W δ‖² (δ = X − X̂), in float64."
     W, Q, H, C = (t.double() for t in (W, Q, H, C))
     D = W - Q
     return float(((D @ H) * D).sum() + 2 * ((D @ C.T) * W).sum() + wd2)
 
+# %% ../nbs/13_pipeline.ipynb #57fa9b72
 class _DevStats:
     "One layer's dev statistics: `LayerStats` (H, C) plus the scalars ‖Wδ‖², ‖WX‖² (W: the layer's FP weight)."
     def __init__(self, n_in: int): self.st, self.wd2, self.wx2 = _stats(n_in), 0.0, 0.0
@@ -272,6 +283,7 @@ class _DevStats:
             return math.sqrt(max(float(((D @ H) * D).sum() + 2 * (D * WC).sum()) + wd2, 0.0) / wx2)   # tr(D Cᵀ Wᵀ) = Σ D∘(W C)
         return f
 
+# %% ../nbs/13_pipeline.ipynb #76938f61
 def _oracle_solve(W: torch.Tensor, mom, dev: _DevStats, cfg: QuantConfig, name: str):
     "Solve the layer for every α of `cfg.oracle_grid` on the calibration moments `mom`; keep the least dev error. Returns (α, result, curve)."
     gptq = _gptq_solver(W)
@@ -426,6 +438,7 @@ def measure(self: SequentialPass, fb, prev, fin, taps, cached: bool, num: dict, 
         num[r] += float((yf - yq).pow(2).sum(dtype=torch.float64))
         den[r] += float((yf - lin.bias if lin.bias is not None else yf).pow(2).sum(dtype=torch.float64))
 
+# %% ../nbs/13_pipeline.ipynb #fd5f7be8
 @patch
 def gather(self: SequentialPass, fb, r, k, b, is_dev, xf, xq, state, stats, dstats):
     "Add the inputs of layer `r` (FP twin `xf`, quantized twin `xq`) of each window of batch `k` to its statistics."
@@ -440,6 +453,7 @@ def gather(self: SequentialPass, fb, r, k, b, is_dev, xf, xq, state, stats, dsta
             raise ValueError(f"calibration inputs of layer {fb.full(r)} ({what}): {e}") from None
         if self.callback: self.callback(fb.full(r), a, c, self.allw[wi], self.q)
 
+# %% ../nbs/13_pipeline.ipynb #d4cc2bb0
 @patch
 def advance(self: SequentialPass, k, is_dev, hf, hq, state, err):
     "Batch `k`'s block outputs become both twins' next hidden states; calibration batches add to the block error."
@@ -470,6 +484,7 @@ def solve(self: SequentialPass, fb, qb, r: str, st: LayerStats, dev, t_collect: 
 def _v_raw(adapter: ModelAdapter, cfg: QuantConfig) -> dict[str, float]:
     return {b.full(r): float(F.v_int(b.linear(r).weight.detach().float(), cfg.spec)) for b in adapter.blocks() for g in b.groups for r in g}
 
+# %% ../nbs/13_pipeline.ipynb #9b2feb94
 class FADE(Method):
     "FADE: a per-layer α from the z-scores of V_int (weights) and R_calib (split-half agreement of the correction)."
     def prepare(self, model, adapter, windows, v_raw, progress):
@@ -502,8 +517,10 @@ def _fresh_records(adapter: ModelAdapter) -> dict[str, LayerRecord]:
     return {b.full(r): LayerRecord(b.full(r), b.stack, b.index, gi, tuple(b.linear(r).weight.shape), b.roles[r])
             for b in adapter.blocks() for gi, g in enumerate(b.groups) for r in g}
 
+# %% ../nbs/13_pipeline.ipynb #d7375244
 def _peak_rss_mb() -> float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+# %% ../nbs/13_pipeline.ipynb #66a718f8
 def _dev_windows(adapter: ModelAdapter, dev, calib, cfg: QuantConfig, model: nn.Module) -> list[CalibWindow]:
     """The oracle's dev windows (packed and prepared as calibration windows, tagged half='dev'); loads the dev split
     if `dev` is None, and drops any calibration utterance from it (`data.held_out`)."""

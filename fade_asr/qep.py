@@ -117,6 +117,7 @@ def qep_delta(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 1
                       RuntimeWarning, stacklevel=2)
         rel, lam = nxt, nxt * mean_diag
 
+# %% ../nbs/04_qep.ipynb #05ee48a0
 def qep_correction(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float, damp: float = 1.0,
                    relative: bool = True, name: str | None = None) -> torch.Tensor:
     "QEP-corrected weight W*(α) = W + α·W C (H + λ_c I)⁻¹ (float32, or float64 for float64 inputs). α = 0 returns W."

@@ -59,10 +59,12 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
     "Integer codes `clamp(round(w/scale) + zero, 0, maxq)` (round half to even) as int32. `scale`, `zero` broadcast against `w`."
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq).to(torch.int32)
 
+# %% ../nbs/02_quantizer.ipynb #fffbb3c7
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     "Weights `scale * (q - zero)` from codes; `scale`, `zero` broadcast against `q`."
     return scale * (q.to(scale.dtype) - zero)
 
+# %% ../nbs/02_quantizer.ipynb #1b2924b4
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     "Quantize then dequantize: the nearest grid point of each weight (as a float tensor)."
     return scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
@@ -76,6 +78,7 @@ def _range_params(xmin, xmax, spec: QuantSpec):
     else: zero = torch.round(-xmin / scale)
     return scale, zero
 
+# %% ../nbs/02_quantizer.ipynb #e8d246f9
 def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     "Per-group `(scale, zero)` of `w`, reducing over its last dimension (so `[m, g] -> [m]`)."
     w = w if w.is_floating_point() else w.float()
@@ -121,12 +124,14 @@ def compute_dtype(*ts: torch.Tensor) -> torch.dtype:
     "float64 if any input is float64, else float32 (fp16/bf16 weights are quantized in float32)."
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
+# %% ../nbs/02_quantizer.ipynb #2f947edf
 def check_finite(t: torch.Tensor, what: str, fix: str) -> None:
     "Raise a `ValueError` naming `what` and the `fix` if `t` holds NaN or Inf."
     bad = ~torch.isfinite(t)
     if bad.any():
         raise ValueError(f"{what} contains {int(bad.sum())} NaN/Inf value(s) out of {t.numel()}; {fix}")
 
+# %% ../nbs/02_quantizer.ipynb #2f76bf09
 def rtn(W: torch.Tensor, spec: QuantSpec = QuantSpec()) -> QuantResult:
     "Round-to-nearest quantization of a weight `W` [out, in] with `spec`: no data."
     if W.ndim != 2: raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(W.shape)}; reshape conv or fused weights first.")

@@ -44,6 +44,7 @@ class ActConfig:
         if self.gamma < 0: raise ValueError(f"act_gamma={self.gamma} must be >= 0 (WER points)")
         if self.n_calib < 1 or self.n_dev < 0: raise ValueError("act_n_calib must be >= 1 and act_n_dev >= 0 (0: the whole dev split)")
 
+# %% ../nbs/12_recipes.ipynb #40075998
 def _with_act(kw: dict, act: ActConfig | None = None) -> dict:
     "`kw` with its flat `act_*` keys (as recipes write them) gathered into `act`, an `ActConfig` (from `act` if given)."
     a = {k[4:]: kw.pop(k) for k in list(kw) if k.startswith('act_')}
@@ -139,6 +140,7 @@ def read_recipes(path=None) -> configparser.ConfigParser:
     except configparser.Error as e: raise ValueError(f"{p} is not a valid recipes INI file: {e}") from None
     return cp
 
+# %% ../nbs/12_recipes.ipynb #91f55117
 def list_recipes(path=None) -> list[str]:
     "Names of the recipes defined in the recipes file."
     return read_recipes(path).sections()
@@ -148,6 +150,7 @@ def _fields(cls) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
+# %% ../nbs/12_recipes.ipynb #f58da665
 def _convert(val: str, typ, key: str, name: str):
     "Convert INI string `val` to `typ` (bool, int, float, str, tuple[str, ...], Optional[...])."
     origin, args = typing.get_origin(typ), typing.get_args(typ)
@@ -189,6 +192,7 @@ def load_recipe(name: str, path=None, **overrides):
         else: raise TypeError(f"load_recipe() got an unknown override {k!r}")
     return QuantConfig(spec=QuantSpec(**spec_kw), act=ActConfig(**act_kw), name=name, **cfg_kw)
 
+# %% ../nbs/12_recipes.ipynb #4adf05ec
 def resolve_config(config=None, **overrides) -> QuantConfig:
     "A `QuantConfig` from a config, a recipe name or nothing (the defaults), with keyword `overrides` applied."
     if isinstance(config, str): return load_recipe(config, **overrides)

@@ -38,6 +38,7 @@ def _asset_path(*parts: str) -> Path:
     "Path of a file shipped under `fade_asr/assets/`."
     return Path(str(resources.files("fade_asr").joinpath("assets", *parts)))
 
+# %% ../nbs/11_scoring.ipynb #1552c895
 @lru_cache(maxsize=1)
 def english_spelling_map() -> dict[str, str]:
     "British -> American spelling map used by Whisper's normaliser (shipped with the package)."
@@ -47,6 +48,7 @@ def english_spelling_map() -> dict[str, str]:
                                 "(the wheel must include fade_asr/assets/normalizer/english.json).")
     return json.loads(p.read_text(encoding="utf-8"))
 
+# %% ../nbs/11_scoring.ipynb #1be856a7
 @lru_cache(maxsize=1)
 def english_normalizer():
     "A cached `transformers` `EnglishTextNormalizer` built with the shipped spelling map."
@@ -64,6 +66,7 @@ def normalize(text: str) -> str:
 class EmptyReferenceError(ValueError):
     "A reference transcript is empty after normalisation (a data bug, not a model error)."
 
+# %% ../nbs/11_scoring.ipynb #c1caf1d2
 @dataclass
 class WerStats:
     "Corpus-level WER with its S/D/I breakdown and the per-utterance counts needed for paired tests."
@@ -99,6 +102,7 @@ class WerStats:
 def _utt_label(i: int, ids: Sequence[str] | None) -> str:
     return f"utterance {i} (id {ids[i]!r})" if ids is not None else f"utterance {i}"
 
+# %% ../nbs/11_scoring.ipynb #4a0d8b3d
 def wer_report(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | None = None,
                normalizer: Callable[[str], str] | None = normalize) -> WerStats:
     "Pooled WER of `hyps` against `refs` after `normalizer` (Whisper's by default; `None` scores raw text)."
@@ -170,6 +174,7 @@ def torch_threads(n: int | None):
     try: yield
     finally: torch.set_num_threads(old)
 
+# %% ../nbs/11_scoring.ipynb #cdcc249d
 def _default_threads() -> int | None:
     v = os.environ.get("FADE_ASR_THREADS")
     if not v: return None
@@ -197,6 +202,7 @@ def _check_audio(i: int, a) -> np.ndarray:
         raise ValueError(f"audio {i} is empty; drop it from the inputs.")
     return a.astype(np.float32, copy=False)
 
+# %% ../nbs/11_scoring.ipynb #e1d4a80c
 MAX_TOKENS_PER_S, MIN_TOKEN_BUDGET = 8.0, 16   # the runaway-loop guard: about twice the fastest speech
 
 def token_budget(n_samples: int, per_s: float | None = MAX_TOKENS_PER_S, floor: int = MIN_TOKEN_BUDGET) -> int | None:
@@ -205,10 +211,12 @@ def token_budget(n_samples: int, per_s: float | None = MAX_TOKENS_PER_S, floor: 
     if per_s <= 0: raise ValueError(f"max_tokens_per_s must be positive or None, got {per_s}.")
     return math.ceil(per_s * n_samples / SAMPLE_RATE) + floor
 
+# %% ../nbs/11_scoring.ipynb #1662e595
 def _adapter_for(model, processor):
     "The model family's adapter (None for a model of no known family, e.g. a test double: it is driven as Whisper)."
     return get_adapter(model, processor) if model_family(model) in ADAPTERS else None
 
+# %% ../nbs/11_scoring.ipynb #bcdf9be7
 def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int = DEFAULT_BATCH_SIZE,
                progress: bool = True, long_form: str = "window", max_new_tokens: int | None = None,
                num_threads: int | None = None, max_tokens_per_s: float | None = MAX_TOKENS_PER_S,
@@ -303,6 +311,7 @@ def _resolve_datasets(datasets, split: str, limit: int | None) -> dict[str, Iter
         out[d] = load_dataset(d, split=split, limit=limit)
     return out
 
+# %% ../nbs/11_scoring.ipynb #28c2ec7c
 def evaluate(model, processor, datasets, batch_size: int = DEFAULT_BATCH_SIZE, split: str = "test",
              limit: int | None = None, progress: bool = True, **transcribe_kwargs) -> dict[str, EvalResult]:
     "Transcribe and score every data set; `datasets` is a name, a list of names, or {name: utterances}."
@@ -327,6 +336,7 @@ def _cell(r) -> str:
     st = r.stats if isinstance(r, EvalResult) else r
     return f"{100 * st.wer:.2f} ({st.substitutions}/{st.deletions}/{st.insertions})"
 
+# %% ../nbs/11_scoring.ipynb #128fc5ce
 def results_table(results: Mapping[str, Mapping[str, EvalResult | WerStats]], digits: int = 2) -> str:
     "Markdown table: rows = model/method labels, columns = data sets, cells = 'WER% (S/D/I)'."
     cols = []
@@ -339,12 +349,14 @@ def results_table(results: Mapping[str, Mapping[str, EvalResult | WerStats]], di
         lines.append(f"| {label} | " + " | ".join(_cell(per[c]) if c in per else "–" for c in cols) + " |")
     return "\n".join(lines)
 
+# %% ../nbs/11_scoring.ipynb #abbd76b2
 def results_json(results: Mapping[str, Mapping[str, EvalResult]], per_utterance: bool = True,
                  meta: dict | None = None) -> str:
     "JSON text of {label: {dataset: EvalResult.as_dict()}} plus optional `meta`, for the CLI to write."
     body = {label: {ds: r.as_dict(per_utterance) for ds, r in per.items()} for label, per in results.items()}
     return json.dumps({"meta": meta or {}, "results": body}, indent=1, ensure_ascii=False) + "\n"
 
+# %% ../nbs/11_scoring.ipynb #2b972495
 def load_results_json(text: str) -> dict[str, dict[str, EvalResult]]:
     "Inverse of `results_json` (needs per-utterance data)."
     body = json.loads(text)["results"]
@@ -358,12 +370,14 @@ class BootstrapResult(NamedTuple):
     ci_high: float
     p_value: float
 
+# %% ../nbs/11_scoring.ipynb #7b6a1843
 def _as_counts(x, name: str) -> np.ndarray:
     a = np.asarray(x)
     if a.ndim != 1: raise ValueError(f"{name} must be a 1-D array of per-utterance counts, got shape {a.shape}.")
     if a.size and (a < 0).any(): raise ValueError(f"{name} has negative entries; pass error/word counts (>= 0).")
     return a.astype(np.float64)
 
+# %% ../nbs/11_scoring.ipynb #f1dd37be
 def paired_bootstrap(errors_a, errors_b, ref_words, n_boot: int = 10_000, seed: int = 0,
                      ci: float = 0.95, chunk: int = 1000) -> BootstrapResult:
     "Paired bootstrap over utterances of the pooled WER difference WER(b) - WER(a)."
@@ -391,6 +405,7 @@ def worst_utterances(errors, k: int) -> np.ndarray:
     if not 0 <= k <= len(e): raise ValueError(f"k must be in [0, {len(e)}], got {k}.")
     return np.argsort(-e, kind="stable")[:k]
 
+# %% ../nbs/11_scoring.ipynb #125b317f
 def wer_excluding_worst(errors, ref_words, k: int, rank_by=None) -> float:
     "Pooled WER after dropping the `k` worst utterances, ranked by `rank_by` (the baseline's errors; default `errors`)."
     e, n = _as_counts(errors, "errors"), _as_counts(ref_words, "ref_words")

@@ -39,11 +39,13 @@ def dev_windows(utts: Sequence, window_s: float = 30.0) -> list:
     return [SimpleNamespace(id=f'dev-window-{i}', audio=w.audio, text=w.text, n_utts=len(w.ids))
             for i, w in enumerate(pack_utterances(utts, window_s))]
 
+# %% ../nbs/15_stablequant.ipynb #15e8479b
 def dev_counts(model: nn.Module, processor, windows: Sequence) -> tuple[np.ndarray, np.ndarray]:
     "Word errors and reference words of `model` on each packed dev window."
     st = evaluate(model, processor, {'dev': list(windows)}, progress=False)['dev'].stats
     return np.asarray(st.utt_errors, float), np.asarray(st.utt_ref_words, float)
 
+# %% ../nbs/15_stablequant.ipynb #d0e75da5
 def dev_wer(model: nn.Module, processor, windows: Sequence) -> float:
     "Pooled WER (%) of `model` on the packed dev `windows`."
     e, n = dev_counts(model, processor, windows)
@@ -64,6 +66,7 @@ def screen_layers(model: nn.Module, processor, hists: dict[str, AbsHistogram], b
                 flagged=[n for n, d in deltas.items() if d > gamma], seconds=time.time() - t0, n_passes=len(deltas) + 1,
                 window_words=words.tolist(), base_window_errors=e0.tolist(), window_errors={n: e.tolist() for n, e in errs.items()})
 
+# %% ../nbs/15_stablequant.ipynb #64dbf3f7
 def flagged_by_dev_size(scr: dict) -> list[dict]:
     "Stage 1's flags had the dev set been only the first k packed windows, for every k (from one screening's per-window errors)."
     w, e0, out = np.array(scr['window_words']), np.array(scr['base_window_errors']), []
@@ -79,6 +82,7 @@ def stage2_clips(hists: dict[str, AbsHistogram], bits: int, flagged: Sequence[st
     "Max clips for every layer, except the flagged ones: the MSE clip of their histogram without its top `pct` %."
     return {n: (h.mse_clip(bits, clip_pct=pct) if n in flagged else h.amax) for n, h in hists.items()}
 
+# %% ../nbs/15_stablequant.ipynb #1d045cfc
 def percentile_search(model: nn.Module, processor, hists: dict[str, AbsHistogram], bits: int, flagged: Sequence[str],
                       windows: Sequence, grid: Sequence[float] = ACT_GRID, progress: bool = True) -> dict:
     "Stage 2: the dev WER of `stage2_clips` for each percentile of `grid`; returns the curve and the best percentile."

@@ -43,6 +43,7 @@ def tiny_tokenizer(specials: Sequence[str], vocab_size: int = 400, **kw):
                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
 
+# %% ../nbs/01_testing.ipynb #8942cd2e
 def tiny_random_moonshine(seed: int = 0, hidden: int = 64, layers: int = 2, ffn: int = 128, heads: int = 2):
     "A randomly initialised small `MoonshineForConditionalGeneration` and a matching `Wav2Vec2Processor` (offline)."
     from transformers import MoonshineConfig, MoonshineForConditionalGeneration, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
@@ -57,6 +58,7 @@ def tiny_random_moonshine(seed: int = 0, hidden: int = 64, layers: int = 2, ffn:
     m.generation_config.decoder_start_token_id, m.generation_config.eos_token_id, m.generation_config.pad_token_id = 1, 2, 2
     return m, Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok)
 
+# %% ../nbs/01_testing.ipynb #6c0f2484
 QWEN3_ASR_TEST_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
     "{% if c['type'] == 'audio' %}<|audio_start|><|audio_pad|><|audio_end|>{% else %}{{ c['text'] }}{% endif %}"
@@ -81,6 +83,7 @@ def tiny_random_qwen3_asr(seed: int = 0, hidden: int = 64, layers: int = 2, ffn:
     m.generation_config.eos_token_id, m.generation_config.pad_token_id = [ids['<|im_end|>'], ids['<|endoftext|>']], ids['<|endoftext|>']
     return m, proc
 
+# %% ../nbs/01_testing.ipynb #aad470d1
 def tiny_random_whisper_multilingual(seed: int = 0, **kw):
     "A tiny random multilingual-shaped Whisper (vocab 51865, language and task tokens) with a processor, offline."
     from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
