@@ -14,7 +14,7 @@ import torch
 
 # %% auto #0
 __all__ = ['QWEN3_ASR_TEST_TEMPLATE', 'tiny_random_whisper', 'tiny_tokenizer', 'tiny_random_moonshine', 'tiny_random_qwen3_asr',
-           'tiny_random_whisper_multilingual', 'FrameCountModel', 'Utt']
+           'tiny_random_whisper_multilingual', 'FrameCountModel', 'Utt', 'run_stacks']
 
 # %% ../nbs/01_testing.ipynb #6964dd09
 def tiny_random_whisper(seed: int = 0, d_model: int = 64, layers: int = 2, ffn: int = 256, heads: int = 2):
@@ -122,3 +122,16 @@ class Utt:
     def __init__(self, i: int, sec: float, rng: np.random.Generator, text: str = 'the quick brown fox jumps over the lazy dog'):
         self.id, self.text = f"u{i}", text
         self.audio = (0.1 * rng.standard_normal(int(sec * 16000))).astype(np.float32)
+
+# %% ../nbs/01_testing.ipynb #45d4da4f
+@torch.no_grad()
+def run_stacks(ad, model: torch.nn.Module, windows: Sequence) -> tuple[list[dict], torch.Tensor]:
+    "Run every stack of adapter `ad` over `windows` block by block: (context after the first stack, last stack's hidden states)."
+    ctxs, first = [{} for _ in windows], None
+    for stack in ad.stacks:
+        h, kw = ad.stack_input(model, stack, windows, ctxs)
+        for blk in ad.layers(model, stack): h = ad.run_block(blk, h, kw)
+        if stack != ad.stacks[-1]:
+            ctxs = ad.stack_output(model, stack, h, kw)
+            if first is None: first = ctxs
+    return first if first is not None else ctxs, h

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fade_asr.adapters import get_adapter
+from fade_asr.models import get_adapter
 from fade_asr.testing import tiny_random_moonshine, tiny_random_qwen3_asr, tiny_random_whisper, tiny_random_whisper_multilingual
 from fade_asr.data import Utterance
 from fade_asr.models import load_model
@@ -157,7 +157,7 @@ def test_multilingual_whisper_language_and_task():
 
 def test_english_only_whisper_gets_no_language():
     m = tiny_random_whisper()
-    from fade_asr.adapters import whisper_default_processor
+    from fade_asr.whisper import whisper_default_processor
     seen = {}
     gen = m.generate
     def spy(*a, **k):
@@ -193,3 +193,42 @@ def test_weights_and_activations(family):
     assert not any(mod._forward_pre_hooks for mod in m.modules()), 'the FP model is untouched'
     with torch.no_grad():
         assert all(isinstance(t, str) for t in transcribe(q, proc, [u.audio for u in utterances(2)], progress=False))
+
+
+# ---------------------------------------------------------------- one registry
+def test_one_registry_serves_loading_and_adapters():
+    "Every shipped family registers its loader and its adapter in one place, and each family's module does it."
+    from fade_asr.families import FAMILIES
+    from fade_asr import whisper, moonshine, qwen3_asr
+    from fade_asr.whisper import WhisperAdapter
+    from fade_asr.moonshine import MoonshineAdapter
+    from fade_asr.qwen3_asr import Qwen3ASRAdapter
+    assert {k: v.adapter for k, v in FAMILIES.items()} == {
+        'whisper': WhisperAdapter, 'moonshine': MoonshineAdapter, 'qwen3_asr': Qwen3ASRAdapter}
+    assert all(callable(f.load) for f in FAMILIES.values())
+    assert [m.__name__ for m in (whisper, moonshine, qwen3_asr)] == [f"fade_asr.{f}" for f in ('whisper', 'moonshine', 'qwen3_asr')]
+
+
+def test_a_new_family_is_one_registration(tmp_path):
+    "A family registered once is found by both `load_model` and `get_adapter`, with no other change."
+    import json
+    from fade_asr.families import FAMILIES, ModelFamily, register_family
+    from fade_asr.whisper import WhisperAdapter
+
+    class ToyAdapter(WhisperAdapter): family = 'toy'
+    m = tiny_random_whisper()
+    m.config.model_type = 'toy_whisper'
+    loaded = []
+    def load(d, dtype):
+        loaded.append(d); return m, None
+    register_family(ModelFamily('toy', ('toy_whisper',), load, ToyAdapter))
+    try:
+        (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'toy_whisper'}))
+        lm = load_model(tmp_path)
+        assert (lm.family, lm.model, loaded) == ('toy', m, [tmp_path])
+        ad = get_adapter(lm.model)
+        assert type(ad) is ToyAdapter and len(ad.linear_names()) == 2 * 6 + 2 * 10
+    finally:
+        del FAMILIES['toy']
+    with pytest.raises(ValueError, match="unknown model family 'toy_whisper'"):
+        get_adapter(m)

@@ -1,4 +1,4 @@
-"""Tests for fade_asr.models: the CTranslate2 reader, the CT2 -> HF Whisper converter and the conversion cache.
+"""Tests for fade_asr.whisper and fade_asr.models: the CTranslate2 reader, the CT2 -> HF Whisper converter and the conversion cache.
 
 The central test (`test_greedy_tokens_equal_ctranslate2`) proves the conversion exact: on 10 real utterances
 the converted model's greedy token ids equal those of the `ctranslate2` engine, token for token.
@@ -11,10 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-import fade_asr.models as M
-from fade_asr.models import (Ct2File, Ct2FormatError, read_ct2, ct2_to_hf, load_model, bundled_model_dir,
-                             cache_entry_valid, cache_root, CACHE_MARKER, hf_greedy_tokens, ct2_greedy_tokens,
-                             source_format, family_for)
+import fade_asr.whisper as M
+from fade_asr.whisper import (Ct2File, Ct2FormatError, read_ct2, ct2_to_hf, bundled_model_dir, cache_entry_valid,
+                              cache_root, CACHE_MARKER, hf_greedy_tokens, ct2_greedy_tokens)
+from fade_asr.families import family_for
+from fade_asr.models import load_model, source_format
 from fade_asr.data import load_dataset
 
 BUNDLED = bundled_model_dir()

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from hypothesis import given, settings, strategies as st
 
-from fade_asr.adapters import CalibWindow, get_adapter, pack_utterances, padding_fraction, name_matches
+from fade_asr.families import CalibWindow, pack_utterances, padding_fraction, name_matches
+from fade_asr.models import get_adapter
 from fade_asr.testing import Utt, tiny_random_whisper
 from fade_asr.pipeline import QuantConfig, QuantReport, quantize
 

@@ -88,7 +88,7 @@ def test_bad_inputs_get_clear_errors(tmp_path):
 
 
 def test_nan_weights_upstream_name_the_problem():
-    from fade_asr.adapters import whisper_default_processor
+    from fade_asr.whisper import whisper_default_processor
     m = tiny_random_whisper(seed=1).eval()
     with torch.no_grad(): m.model.encoder.conv1.weight[0, 0, 0] = float('nan')
     rng = np.random.default_rng(0)
@@ -167,7 +167,7 @@ def test_stages_flag_the_injected_layer_and_search_the_grid(monkeypatch):
 
 def test_stablequant_dev_set_is_held_out_from_calibration():
     "Stage 1 and 2 choose on dev WER: a dev set made of the calibration utterances is refused before any pass."
-    from fade_asr.adapters import whisper_default_processor
+    from fade_asr.whisper import whisper_default_processor
     m = tiny_random_whisper(seed=5).eval()
     rng = np.random.default_rng(5)
     calib = [Utt(i, 2.0, rng) for i in range(3)]
@@ -177,7 +177,7 @@ def test_stablequant_dev_set_is_held_out_from_calibration():
 
 
 def test_fake_quantized_checkpoint_keeps_activation_clips(w8a8_run, tmp_path):
-    from fade_asr.adapters import whisper_default_processor
+    from fade_asr.whisper import whisper_default_processor
     from fade_asr.cli import save_quantized
     from fade_asr.models import load_model
     from fade_asr.packing import ACT_QUANT, load_act_quant
