@@ -25,16 +25,18 @@ def evaluate_models(models: dict, datasets: dict, batch_size: int | None = None,
     return {label: evaluate(m, p, datasets, batch_size=batch_size or DEFAULT_BATCH_SIZE, progress=progress) for label, (m, p) in models.items()}
 
 # %% ../nbs/21_cli.ipynb #d63b2f10
-def save_quantized(model, processor, report, out_dir, table: str | None = None) -> Path:
-    "Atomically save `model`+`processor` as an HF checkpoint in `out_dir`, with `report.json` and `wer.md`."
+def save_quantized(model, processor, report, out_dir, table: str | None = None, extra: dict[str, str] | None = None,
+                   overwrite: bool = False) -> Path:
+    "Atomically save `model`+`processor` as an HF checkpoint in `out_dir`, with `report.json`, `wer.md` and `extra` {file name: text}."
     from fade_asr.util import atomic_dir, atomic_write_text
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         if report is not None: report.to_json(tmp/'report.json')
         if table: atomic_write_text(tmp/'wer.md', table)
         from fade_asr.packing import write_act_quant
         write_act_quant(model, tmp)                      # quantized activations: their clips, as in packed checkpoints
+        for k, v in (extra or {}).items(): atomic_write_text(tmp/k, v)
     return Path(out_dir)
 
 # %% ../nbs/21_cli.ipynb #1aae3639
@@ -102,12 +104,13 @@ def cmd_quantize(a):
     from fade_asr.recipes import load_recipe
     from fade_asr.data import calibration_subset
     from fade_asr.scoring import results_table, results_json
-    from fade_asr.util import atomic_write_text
+    from fade_asr.util import check_output_dir
     from fade_asr.stablequant import quantize_model
     from fade_asr.packing import pack_model, save_packed
     cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib, calib_data=a.calib_data)
     if cfg.method == 'fp' and a.save == 'packed':
         raise ValueError("recipe 'fp' quantizes nothing to pack; pick a quantization recipe (see `fade-asr recipes`)")
+    out = check_output_dir(a.out or f'fade-asr-out/{a.recipe}-seed{cfg.seed}', a.overwrite)   # refuse before the work, not after
     lm = load_model(a.model)
     calib = calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed)
     t0 = time.time()
@@ -119,15 +122,13 @@ def cmd_quantize(a):
     res = evaluate_models({'FP': (lm.model, lm.processor), a.recipe: (qm, lm.processor)}, ds, batch_size=a.batch_size)
     table = results_table(res)
     print(table)
-    out = Path(a.out or f'fade-asr-out/{a.recipe}-seed{cfg.seed}')
     if a.save == 'packed':
-        save_packed(qm, out, lm.processor, act_order=cfg.act_order,
+        save_packed(qm, out, lm.processor, act_order=cfg.act_order, overwrite=a.overwrite,
                     extra={'report.json': json.dumps(report.to_dict(), indent=1), 'wer.md': table, 'wer.json': results_json(res)})
         acts = f', {cfg.act.bits}-bit activation clips (act_quant.json)' if cfg.act.bits else ''
         print(f'saved the packed {cfg.spec.bits}-bit model ({a.checkpoint_format}, {a.scales} scales){acts}, report.json and wer.md to {out}/')
     else:
-        save_quantized(qm, lm.processor, report, out, table)
-        atomic_write_text(out/'wer.json', results_json(res))
+        save_quantized(qm, lm.processor, report, out, table, extra={'wer.json': results_json(res)}, overwrite=a.overwrite)
         print(f'saved the fake-quantized fp32 model, report.json and wer.md to {out}/')
     return res
 
@@ -209,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument('--calib-data', default=None, help="calibration data: a shipped set or a corpus spec such as librispeech:/data/LibriSpeech/train-clean-100 (default: the recipe's)")
         s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
     s = sub.add_parser('quantize', help='quantize and report WER against FP (the main job)'); common(s, 'fade-w3g128')
-    s.add_argument('--out', default=None, help='output dir (default: fade-asr-out/RECIPE-seedN)')
+    s.add_argument('--out', default=None, help='output dir, new or empty (default: fade-asr-out/RECIPE-seedN)')
+    s.add_argument('--overwrite', action='store_true', help='replace an earlier fade-asr output in --out (never a folder with files of your own)')
     s.add_argument('--save', choices=('packed', 'fake'), default='packed', help='packed low-bit checkpoint (GPTQ layout) or fake-quantized fp32 weights')
     s.add_argument('--scales', choices=('float16', 'float32'), default='float32', help='dtype of the stored scales (default float32: bit-identical to the fake-quantized model, and what was evaluated; float16: what GPTQ kernels compute with)')
     s.add_argument('--checkpoint-format', choices=('v1', 'v2'), default='v1', help='GPTQ checkpoint format: v1 stores zero-1 (AutoGPTQ, transformers), v2 zero (GPTQModel)')

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 import av
 import numpy as np
 
-from .util import atomic_write_text
+from .util import atomic_write_text, publish_dir
 
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'SPLITS', 'CORPUS_KINDS', 'ASTERISK_PACKAGES', 'ASTERISK_FRACTIONS', 'STRINGR_PACKAGE',
@@ -636,11 +636,7 @@ def finalize_set(tmp_dir: Path, out_dir: Path, rows: list[dict], info: dict, lic
     atomic_write_text(tmp_dir / 'LICENSE', license_text)
     atomic_write_text(tmp_dir / 'ATTRIBUTION.md', attribution)
     for d in (tmp_dir, *[p for p in tmp_dir.rglob('*') if p.is_dir()]): os.chmod(d, 0o755)  # mkdtemp: 0700
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists(): shutil.rmtree(old)
-    if out_dir.exists(): os.replace(out_dir, old)
-    os.replace(tmp_dir, out_dir)
-    if old.exists(): shutil.rmtree(old)
+    publish_dir(tmp_dir, out_dir)
     return info
 
 # %% ../nbs/08_data.ipynb #bc6525fd

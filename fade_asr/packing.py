@@ -183,11 +183,12 @@ def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[
     return kept, dropped
 
 # %% ../nbs/19_packing.ipynb #c89ef316
-def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = False, extra: dict[str, str] | None = None) -> Path:
+def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = False, extra: dict[str, str] | None = None,
+                overwrite: bool = False) -> Path:
     "Atomically write a packed model (from `pack_model`) to `out_dir`: model.safetensors, config.json, quantize_config.json, processor files, and `extra` {file name: text}."
     from safetensors.torch import save_file
     qc = quantize_config(model, act_order)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         sd, tied = _dedupe(model.state_dict())
         save_file(sd, str(tmp / WEIGHTS), metadata={'format': 'pt', 'fade_asr': 'packed', 'tied': json.dumps(tied)})
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2))

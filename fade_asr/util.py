@@ -6,12 +6,12 @@ Docs: https://fade-asr.github.io/fade_asr/util.html.md"""
 
 # %% ../nbs/00_util.ipynb #1d8bfdbd
 from __future__ import annotations
-import os, shutil, tempfile
+import json, os, shutil, tempfile, uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['atomic_write_text', 'atomic_dir', 'quiet']
+__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'check_output_dir', 'clean_stale', 'publish_dir', 'atomic_dir', 'quiet']
 
 # %% ../nbs/00_util.ipynb #f0ffac16
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -27,21 +27,112 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True); raise
     return path
 
+# %% ../nbs/00_util.ipynb #32f5c9e6
+OUTPUT_MARKER = '.fade_asr_output.json'   # in every folder `atomic_dir` writes: which files it holds
+
+def _files(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob('*') if p.is_file() and p.name != OUTPUT_MARKER)
+
+# %% ../nbs/00_util.ipynb #40316091
+def _check_output_dir(out: Path, overwrite: bool) -> Path:
+    if not out.exists() and not out.is_symlink(): return out
+    if not out.is_dir() or out.is_symlink():
+        raise FileExistsError(f"{str(out)!r} exists and is not a folder; choose another output folder (nothing was changed)")
+    if not any(out.iterdir()): return out
+    marker = out / OUTPUT_MARKER
+    if not marker.is_file():
+        raise FileExistsError(f"{str(out)!r} is a folder with files that fade_asr did not write; choose a new or empty "
+                              "output folder (nothing was changed)")
+    try: ours = set(json.loads(marker.read_text(encoding='utf-8'))['files'])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise FileExistsError(f"{marker} is damaged, so {str(out)!r} may hold files that are not ours; choose a new "
+                              "output folder, or remove it yourself") from None
+    extra = [f for f in _files(out) if f not in ours]
+    if extra:
+        raise FileExistsError(f"{str(out)!r} holds files fade_asr did not write ({', '.join(extra[:3])}"
+                              f"{' ...' if len(extra) > 3 else ''}); move them away or choose another output folder")
+    if not overwrite:
+        raise FileExistsError(f"{str(out)!r} holds an earlier fade_asr output; pass --overwrite (overwrite=True) to replace "
+                              "it, or choose another output folder")
+    return out
+
+def _ino(p: Path):
+    try: return os.stat(p).st_ino
+    except FileNotFoundError: return None
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    "`out_dir` as a Path if `atomic_dir` may (re)place it; a clear error if that would lose anything that is not ours."
+    out = Path(out_dir)
+    if out.name in ('', '.', '..'):
+        raise ValueError(f"output folder {str(out_dir)!r} names no folder of its own; pass a new folder name, e.g. fade-asr-out/run1")
+    for _ in range(100):                      # another writer may swap the folder while we look: look again
+        before = _ino(out)
+        try: res = _check_output_dir(out, overwrite); err = None
+        except FileNotFoundError: continue
+        except FileExistsError as e: res, err = None, e
+        if _ino(out) == before:
+            if err is not None: raise err
+            return res
+    raise FileExistsError(f"{str(out)!r} keeps changing while we look (another writer?); try again")
+
+# %% ../nbs/00_util.ipynb #2f253adc
+def _tmp_name(out: Path, kind: str) -> Path:
+    return out.with_name(f".{out.name}.fade-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+def _alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def clean_stale(out: Path) -> list[Path]:
+    "Remove the temporary siblings of `out` that a killed writer left behind (never one whose process still runs)."
+    gone = []
+    for p in out.parent.glob(f".{out.name}.fade-*-*-*"):
+        parts = p.name[len(out.name) + 2:].split('-')
+        if len(parts) == 4 and parts[2].isdigit() and not _alive(int(parts[2])):
+            shutil.rmtree(p, ignore_errors=True); gone.append(p)
+    return gone
+
+# %% ../nbs/00_util.ipynb #c117639d
+def _fsync(p: Path):
+    fd = os.open(p, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    "fsync every file and folder of `tmp`, then move it into place as `out` (an earlier `out` is replaced as a whole)."
+    tmp, out = Path(tmp), Path(out)
+    for p in sorted(tmp.rglob('*'), reverse=True): _fsync(p)
+    os.chmod(tmp, 0o755); _fsync(tmp)                       # mkdtemp makes 0700; a server may run as another user
+    last = None
+    for _ in range(100):
+        try: os.replace(tmp, out); break
+        except OSError as e:                                # an earlier (or a racing writer's) folder is in the way
+            last, old = e, _tmp_name(out, 'old')
+            try: os.replace(out, old)
+            except FileNotFoundError: continue              # a racing writer moved it first: try again
+            shutil.rmtree(old, ignore_errors=True)
+    else: raise OSError(f"could not move {tmp} into place as {out} ({last})") from last
+    _fsync(out.parent)
+    return out
+
 # %% ../nbs/00_util.ipynb #f12e5674
 @contextmanager
-def atomic_dir(out_dir: str | os.PathLike):
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     """Build a directory in a temporary sibling (yielded) and move it into place on success: `out_dir` is always
     either the old complete directory or the new complete one, never half written; on error nothing changes."""
-    out = Path(out_dir); out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    out = check_output_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True); clean_stale(out)
+    tmp = _tmp_name(out, 'tmp'); tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f'.{out.name}.old'); shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old); os.replace(tmp, out); shutil.rmtree(old, ignore_errors=True)
-        else: os.replace(tmp, out)
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({'written_by': 'fade_asr', 'files': _files(tmp)}, indent=1))
+        check_output_dir(out, overwrite)                    # nobody put their files there while we worked
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
+    return out
 
 # %% ../nbs/00_util.ipynb #aa031e57
 def quiet(progress: bool = True) -> bool:

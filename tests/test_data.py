@@ -333,8 +333,8 @@ def test_atomic_dir_keeps_the_old_directory_on_failure(tmp_path):
     out = tmp_path / 'ckpt'
     with atomic_dir(out) as d: (d / 'a.txt').write_text('v1')
     with pytest.raises(RuntimeError):
-        with atomic_dir(out) as d:
+        with atomic_dir(out, overwrite=True) as d:
             (d / 'a.txt').write_text('half'); raise RuntimeError('crash mid-write')
     assert (out / 'a.txt').read_text() == 'v1' and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
-    with atomic_dir(out) as d: (d / 'b.txt').write_text('v2')
-    assert sorted(p.name for p in out.iterdir()) == ['b.txt']
+    with atomic_dir(out, overwrite=True) as d: (d / 'b.txt').write_text('v2')
+    assert sorted(p.name for p in out.iterdir()) == ['.fade_asr_output.json', 'b.txt']
