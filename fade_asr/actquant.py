@@ -155,8 +155,10 @@ def attach_act_quant(model: nn.Module, clips: dict[str, float], bits: int, **inf
     mods = dict(model.named_modules())
     bad = [n for n in clips if n not in mods]
     if bad: raise ValueError(f"no layer named {bad[0]!r} in this model ({len(bad)} unknown); the clips come from another model")
+    bad = [n for n, c in clips.items() if not (math.isfinite(float(c)) and float(c) > 0)]
+    if bad: raise ValueError(f"the activation clip of {bad[0]!r} is {clips[bad[0]]!r}; a clip must be a positive finite number")
     model._fade_act_handles = [mods[n].register_forward_pre_hook(ActQuantHook(c, bits)) for n, c in clips.items()]
-    model._fade_act = dict(bits=int(bits), clips={n: float(c) for n, c in clips.items()}, **info)
+    model._fade_act = dict(bits=int(bits), clips={n: float(c) for n, c in clips.items()}, **{**info, 'n_clips': len(clips)})
     return model
 
 # %% ../nbs/17_activation_quant.ipynb #4a8c6a81
@@ -168,6 +170,10 @@ def restore_act_quant(model: nn.Module, state: dict) -> nn.Module:
     except (KeyError, AttributeError, TypeError, ValueError) as e:
         raise ValueError(f"activation quantization state is damaged ({type(e).__name__}: {e}); it must hold 'bits' and "
                          "'clips' {layer: clip}") from None
+    n = info.pop('n_clips', len(clips))
+    if n != len(clips):
+        raise ValueError(f"it says it holds {n} activation clips but lists {len(clips)}: a layer's clip is missing, so that "
+                         "layer would silently run unquantized")
     return attach_act_quant(model, clips, bits, **info)
 
 # %% ../nbs/17_activation_quant.ipynb #de8943a2

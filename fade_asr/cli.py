@@ -248,12 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/21_cli.ipynb #fe30e5f2
 def main(argv=None):
-    "Entry point of the `fade-asr` command; with no subcommand it runs the main job, `quantize`."
+    "Entry point of the `fade-asr` command; with no arguments it prints its help (the main job is `fade-asr quantize`)."
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
-    if not argv or argv[0].startswith('-') and argv[0] not in ('-h', '--help'): argv = ['quantize', *argv]
+    if not argv: p.print_help(); return 0
     a = p.parse_args(argv)
+    if a.cmd is None: p.print_help(); return 0
     try: a.fn(a)          # the commands return their results for Python callers; the shell gets exit status 0
     except (ValueError, OSError, KeyError) as e:     # the package's errors name the problem and the fix
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f'fade-asr {a.cmd}: error: {msg}')
+    except KeyboardInterrupt:                        # Ctrl-C: one line, no traceback; outputs are atomic, so nothing is half written
+        print(f'fade-asr {a.cmd}: interrupted; nothing was saved half-way', file=sys.stderr)
+        sys.exit(130)

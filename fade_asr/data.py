@@ -141,6 +141,9 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if not chunks or sum(ch.shape[-1] for ch in chunks) == 0:
         raise AudioError(f"{path} decodes to zero audio samples (empty or truncated); {_FIX}.")
     x = np.concatenate(chunks, axis=-1).astype(np.float32).mean(axis=0)
+    if not np.isfinite(x).all():
+        raise AudioError(f"{path} holds {int((~np.isfinite(x)).sum())} non-finite samples (NaN or inf): the file is damaged; "
+                         f"re-export it from its source, or drop it from the data set.")
     got = len(x) / sr
     if declared and fmt_name.split(',')[0] in _EXACT_LENGTH_FORMATS and got < 0.98 * declared - 0.02:
         raise AudioError(f"{path} is truncated: its header declares {declared:.2f}s but only {got:.2f}s "

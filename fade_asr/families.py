@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['ROLES', 'FAMILIES', 'name_matches', 'attn_roles', 'Block', 'CalibWindow', 'pack_utterances', 'padding_fraction',
-           'decode_rows', 'generate_batch', 'causal_mask', 'ModelAdapter', 'NativeLengthAdapter', 'ModelFamily',
-           'register_family', 'family_for', 'model_family', 'find_family', 'LoadedModel']
+__all__ = ['ROLES', 'FAMILIES', 'PICKLE_SUFFIXES', 'name_matches', 'attn_roles', 'Block', 'CalibWindow', 'pack_utterances',
+           'padding_fraction', 'decode_rows', 'generate_batch', 'causal_mask', 'ModelAdapter', 'NativeLengthAdapter',
+           'ModelFamily', 'register_family', 'family_for', 'model_family', 'find_family', 'CheckpointError',
+           'check_finite_weights', 'LoadedModel']
 
 # %% ../nbs/09_families.ipynb #3e635dce
 def name_matches(name: str, patterns: Sequence[str] | str | None) -> bool:
@@ -75,6 +76,10 @@ def pack_utterances(utts: Sequence, window_s: float | None = 30.0, pack: bool = 
     limit = math.inf if window_s is None else int(round(window_s * sr))
     gap = int(round(gap_s * sr))
     ok = [(i, u) for i, u in enumerate(utts) if 0 < len(u.audio) <= limit]
+    bad = [str(u.id) for u in utts if not np.isfinite(u.audio).all()]
+    if bad:
+        raise ValueError(f"calibration utterance(s) {', '.join(bad[:5])} hold non-finite samples (NaN or inf); "
+                         "fix or drop them from the calibration set")
     skipped = [str(u.id) for u in utts if not 0 < len(u.audio) <= limit]
     if skipped:
         warnings.warn(f"{len(skipped)} calibration utterance(s) are empty or longer than the {window_s} s window and were "
@@ -323,20 +328,44 @@ def find_family(model: nn.Module) -> ModelFamily | None:
     return next((f for f in FAMILIES.values() if mt in f.model_types), None)
 
 # %% ../nbs/09_families.ipynb #efbd4930
+class CheckpointError(ValueError):
+    "A checkpoint directory that must not be loaded as it is: pickled weights, weights that do not fit, or NaN/inf."
+
+PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl')
+
+def _refuse_pickles(d: Path):
+    "A clear error for a checkpoint whose weights exist only as pickles: fade_asr never unpickles a user's file."
+    if any(d.glob('*.safetensors')): return
+    pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{str(d)!r} holds its weights only as pickles ({', '.join(pickles[:3])}); fade_asr loads safetensors only, "
+            "because unpickling a file can run code. Convert it once where you trust the file: "
+            "`M.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)`")
+
+def check_finite_weights(model: nn.Module, where: str):
+    "A clear error naming the first weight tensor of `model` that holds NaN or inf."
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{where}: tensor {k} holds {int((~torch.isfinite(v)).sum())} NaN/inf values; the "
+                                  "checkpoint is damaged: re-export or re-download it")
+
+# %% ../nbs/09_families.ipynb #37ecea6e
 def _from_pretrained(cls, d: Path, dtype: torch.dtype):
-    "`cls.from_pretrained(d)` offline, refusing weights that do not match the config instead of initialising them randomly."
-    try: model, info = cls.from_pretrained(d, local_files_only=True, dtype=dtype, output_loading_info=True)
+    "`cls.from_pretrained(d)` offline, safetensors only, refusing weights that do not match the config (instead of initialising them randomly) or are not finite."
+    _refuse_pickles(d)
+    fix = "config and weights come from different models; re-save the checkpoint with save_pretrained, or fix config.json"
+    try: model, info = cls.from_pretrained(d, local_files_only=True, dtype=dtype, output_loading_info=True, use_safetensors=True)
     except RuntimeError as e:
         if 'mismatched' not in str(e): raise
-        raise ValueError(f"the weights in {str(d)!r} do not match its config.json (tensor shapes differ; transformers "
-                         f"logged which): config and weights come from different models; re-save the checkpoint with "
-                         f"save_pretrained, or fix config.json") from None
-    bad = {k: list(info.get(k) or []) for k in ('missing_keys', 'mismatched_keys')}
+        raise CheckpointError(f"the weights in {str(d)!r} do not match its config.json (tensor shapes differ; transformers "
+                              f"logged which): {fix}") from None
+    bad = {k: list(info.get(k) or []) for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys')}
     if any(bad.values()):
         what = '; '.join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}{' ...' if len(v) > 3 else ''} ({len(v)})"
                          for k, v in bad.items() if v)
-        raise ValueError(f"the weights in {str(d)!r} do not match its config.json ({what}): config and weights come from "
-                         f"different models; re-save the checkpoint with save_pretrained, or fix config.json")
+        raise CheckpointError(f"the weights in {str(d)!r} do not match its config.json ({what}): {fix}")
+    check_finite_weights(model, str(d))
     return model
 
 # %% ../nbs/09_families.ipynb #a7e11c02

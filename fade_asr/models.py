@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .families import FAMILIES, LoadedModel, ModelAdapter, family_for, find_family, model_family
+from .families import FAMILIES, CheckpointError, LoadedModel, ModelAdapter, family_for, find_family, model_family
 from . import whisper, moonshine, qwen3_asr
 from .whisper import bundled_model_dir, load_ct2
 
@@ -60,7 +60,7 @@ def load_model(source: str | os.PathLike | None = None, *, cache_dir: str | os.P
     except ValueError as e: raise ValueError(f"{d / 'config.json'}: {e}") from None
     try: model, proc = fam.load(d, dtype)
     except Exception as e:  # noqa: BLE001 -- transformers raises many types here; each becomes one clear message
-        if 'do not match its config.json' in str(e): raise
+        if isinstance(e, CheckpointError): raise
         raise ValueError(f"could not load the {fam.name} checkpoint in {str(d)!r} ({type(e).__name__}: {e}); it needs "
                          f"config.json, the weights (model.safetensors) and the processor files (preprocessor_config.json, "
                          f"tokenizer files), as save_pretrained writes them") from e

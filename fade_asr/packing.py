@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .quantizer import QuantSpec, QuantResult
-from .pack_format import PackedLayer, chunk_size, pack_layer, _check_format, _unpack_last
+from .pack_format import PACK_BITS, PackedLayer, chunk_size, pack_layer, _check_format, _unpack_last
 from .kernels import cupy_available, quant_matmul
 from .util import atomic_dir
 from .actquant import restore_act_quant
@@ -22,7 +22,7 @@ from .actquant import restore_act_quant
 # %% auto #0
 __all__ = ['BACKENDS', 'QUANTIZE_CONFIG', 'WEIGHTS', 'ACT_QUANT', 'resolve_backend', 'QuantLinear', 'pack_model', 'packed_layers',
            'set_backend', 'quantize_config', 'save_packed', 'is_packed_dir', 'read_packed_tensors', 'write_act_quant',
-           'load_act_quant', 'load_packed', 'tensor_bytes', 'linear_bytes']
+           'load_act_quant', 'read_quantize_config', 'load_packed', 'tensor_bytes', 'linear_bytes']
 
 # %% ../nbs/19_packing.ipynb #7862c90c
 BACKENDS = ('auto', 'torch', 'cupy')
@@ -252,27 +252,46 @@ def load_act_quant(model: nn.Module, path) -> nn.Module:
     try: return restore_act_quant(model, json.loads(Path(path).read_text()))
     except ValueError as e: raise ValueError(f"{path} is damaged ({e}): re-run `fade-asr quantize`") from None
 
+# %% ../nbs/19_packing.ipynb #d6621efc
+def read_quantize_config(path: Path) -> tuple[int, int, str, list[str]]:
+    "(bits, group_size, format, module names) of a `quantize_config.json`, with a clear error for anything malformed."
+    try: qc = json.loads(Path(path).read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{path} is not valid JSON ({e}); re-run `fade-asr quantize`") from None
+    if not isinstance(qc, dict): raise ValueError(f"{path} must hold a JSON object, not a {type(qc).__name__}; re-run `fade-asr quantize`")
+    ours = qc.get('fade_asr')
+    if not isinstance(ours, dict) or not isinstance(ours.get('modules'), list) or not all(isinstance(m, str) for m in ours['modules']):
+        raise ValueError(f"{path} has no 'fade_asr.modules' list of names; it was not written by fade_asr")
+    bits, gs, fmt = qc.get('bits'), qc.get('group_size'), ours.get('format', 'v1')
+    if type(bits) is not int or bits not in PACK_BITS:
+        raise ValueError(f"{path}: bits is {bits!r}; it must be one of {sorted(PACK_BITS)}")
+    if type(gs) is not int or not (gs == -1 or gs > 0):
+        raise ValueError(f"{path}: group_size is {gs!r}; it must be a positive integer or -1 (one group per row)")
+    if fmt not in ('v1', 'v2'): raise ValueError(f"{path}: fade_asr.format is {fmt!r}; it must be 'v1' or 'v2'")
+    return bits, gs, fmt, ours['modules']
+
 # %% ../nbs/19_packing.ipynb #680072ba
 def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32):
     "Load a packed checkpoint directory: returns (model with `QuantLinear`s, processor or None)."
     from transformers import AutoConfig, AutoProcessor
     d = Path(path)
     if not is_packed_dir(d): raise FileNotFoundError(f"{d} is not a packed checkpoint (no {QUANTIZE_CONFIG}); write one with `fade-asr quantize`")
-    try: qc = json.loads((d / QUANTIZE_CONFIG).read_text())
-    except ValueError as e: raise ValueError(f"{d / QUANTIZE_CONFIG} is not valid JSON ({e})") from None
-    ours = qc.get('fade_asr') or {}
-    if 'modules' not in ours: raise ValueError(f"{d / QUANTIZE_CONFIG} has no 'fade_asr.modules' list; it was not written by fade_asr")
-    bits, gs, fmt = int(qc['bits']), int(qc['group_size']), ours.get('format', 'v1')
+    bits, gs, fmt, modules = read_quantize_config(d / QUANTIZE_CONFIG)
     sd = read_packed_tensors(d / WEIGHTS)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad: raise ValueError(f"{d / WEIGHTS}: tensor {bad[0]} holds NaN/inf ({len(bad)} such tensor(s)); the checkpoint is damaged: re-run `fade-asr quantize`")
     config = AutoConfig.from_pretrained(d, local_files_only=True)
     cls = _model_class(config)
     build = cls.from_config if cls.__name__.startswith('Auto') else cls._from_config
     with torch.device('meta'):
         model = build(config, dtype=dtype)
-    for name in ours['modules']:
+    for name in modules:
         parent, leaf = _get_parent(model, name)
         lin = getattr(parent, leaf, None)
         if not isinstance(lin, nn.Linear): raise ValueError(f"{d / QUANTIZE_CONFIG} lists {name!r}, which is not a linear of this model")
+        gi, ng = sd.get(f'{name}.g_idx'), -(-lin.in_features // (gs if gs > 0 else lin.in_features))
+        if gi is not None and gi.numel() and (int(gi.min()) < 0 or int(gi.max()) >= ng):
+            raise ValueError(f"{d / WEIGHTS}: {name}.g_idx points outside its {ng} groups ({int(gi.min())}..{int(gi.max())}); "
+                             "the checkpoint is damaged: re-run `fade-asr quantize`")
         sdt = sd.get(f'{name}.scales', torch.empty(0, dtype=torch.float16)).dtype
         setattr(parent, leaf, QuantLinear(lin.in_features, lin.out_features, bits, gs, lin.bias is not None, fmt,
                                           sdt, dtype, backend, device='meta'))

@@ -103,6 +103,11 @@ class WerStats:
 def _utt_label(i: int, ids: Sequence[str] | None) -> str:
     return f"utterance {i} (id {ids[i]!r})" if ids is not None else f"utterance {i}"
 
+# %% ../nbs/14_scoring.ipynb #a3e0cbd0
+def _words(text: str) -> str:
+    "The normalised text's words: tokens with no letter or digit (the '.' Whisper's normaliser leaves of '...') are no words."
+    return ' '.join(w for w in text.split() if any(ch.isalnum() for ch in w))
+
 # %% ../nbs/14_scoring.ipynb #4a0d8b3d
 def wer_report(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | None = None,
                normalizer: Callable[[str], str] | None = normalize) -> WerStats:
@@ -115,9 +120,9 @@ def wer_report(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | No
     if not refs:
         raise ValueError("wer_report got no utterances; pass at least one (reference, hypothesis) pair.")
     f = normalizer or (lambda s: " ".join(s.split()))
-    nr, nh = [f(r) for r in refs], [f(h) for h in hyps]
+    nr, nh = [_words(f(r)) for r in refs], [_words(f(h)) for h in hyps]
     for i, r in enumerate(nr):
-        if not r.strip():
+        if not r:
             raise EmptyReferenceError(
                 f"Reference of {_utt_label(i, ids)} is empty after normalisation (raw: {refs[i]!r}). "
                 "An empty transcript is a data bug: fix or drop that utterance from the data set.")
@@ -201,6 +206,9 @@ def _check_audio(i: int, a) -> np.ndarray:
         raise ValueError(f"audio {i} has shape {a.shape}; pass mono 16-kHz audio as a 1-D float array (downmix first).")
     if a.size == 0:
         raise ValueError(f"audio {i} is empty; drop it from the inputs.")
+    if not np.isfinite(a).all():
+        raise ValueError(f"audio {i} holds {int((~np.isfinite(a)).sum())} non-finite samples (NaN or inf); a WER of it would "
+                         "mean nothing: fix or drop that recording.")
     return a.astype(np.float32, copy=False)
 
 # %% ../nbs/14_scoring.ipynb #e1d4a80c

@@ -180,7 +180,8 @@ def _whisper_config(t: _Take, cfg: dict, sp: dict[str, int]):
     from transformers import WhisperConfig
     V = t.vars
     for name, want in [('decoder/activation', 3), ('decoder/pre_norm', 1), ('decoder/scale_embeddings', 0),
-                       ('decoder/alibi', 0), ('decoder/start_from_zero_embedding', 0)]:
+                       ('decoder/alibi', 0), ('decoder/start_from_zero_embedding', 0),
+                       ('decoder/alibi_use_positive_positions', 0), ('decoder/scale_alibi', 0)]:   # inert when alibi is off, as current CTranslate2 writes them
         if name in V: t.scalar(name, want)
     for name in ('decoder/alignment_heads', 'decoder/alignment_layer'):  # CT2-only alignment knobs (unused by HF)
         if name in V: t(name)

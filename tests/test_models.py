@@ -444,3 +444,16 @@ def test_bfloat16_widens_exactly(tmp_path):
     b += struct.pack('<BI', 5, 8) + bf.tobytes() + struct.pack('<I', 0)
     (tmp_path / 'model.bin').write_bytes(b)
     np.testing.assert_array_equal(read_ct2(tmp_path).variables['w'], x)
+
+
+def test_inert_alibi_flags_of_current_ctranslate2_are_accepted(monkeypatch):
+    "Current CTranslate2 writes two inert scalars; at their neutral value they convert exactly, otherwise they are refused."
+    def add(val):
+        return lambda v: v.update({'decoder/alibi_use_positive_positions': np.array(val, np.int8),
+                                   'decoder/scale_alibi': np.array(0, np.int8)})
+    _patched_read(monkeypatch, add(0))
+    model, _ = ct2_to_hf(BUNDLED)
+    assert model.config.decoder_layers == 4
+    _patched_read(monkeypatch, add(1))
+    with pytest.raises(Ct2FormatError, match="alibi_use_positive_positions"):
+        ct2_to_hf(BUNDLED)

@@ -1,0 +1,157 @@
+"""Fault injection: bad inputs get a one-line error that names the problem and the fix, never a silently wrong number."""
+import json, shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fade_asr.data import AudioError, load_audio, save_audio
+from fade_asr.families import CheckpointError
+from fade_asr.models import load_model
+from fade_asr.scoring import EmptyReferenceError, transcribe, wer_report
+from fade_asr.testing import FrameCountModel, tiny_random_whisper, tiny_tokenizer
+from fade_asr.whisper import whisper_default_processor
+
+from test_cli import run_cli
+
+
+@pytest.mark.parametrize('ref', ['...', '!?', ' - ', '. . .'])
+def test_punctuation_only_reference_is_empty(ref):
+    with pytest.raises(EmptyReferenceError, match="'u2'"):
+        wer_report(['fine', ref], ['fine', 'x'], ids=['u1', 'u2'])
+    assert wer_report(['wait... what'], ['wait what']).wer == 0
+
+
+def _float_wav(path, x):
+    import av
+    with av.open(str(path), 'w', format='wav') as c:
+        s = c.add_stream('pcm_f32le', rate=16000, layout='mono')
+        fr = av.AudioFrame.from_ndarray(x[None].astype(np.float32), format='flt', layout='mono'); fr.rate = 16000
+        for p in s.encode(fr): c.mux(p)
+        for p in s.encode(None): c.mux(p)
+
+
+def test_non_finite_audio_is_refused_at_load_naming_the_file(tmp_path):
+    x = np.zeros(16000, np.float32); x[100] = np.nan
+    _float_wav(tmp_path / 'bad.wav', x)
+    with pytest.raises(AudioError, match=r'bad\.wav holds 1 non-finite'):
+        load_audio(tmp_path / 'bad.wav')
+
+
+def test_non_finite_audio_arrays_are_refused_before_decoding():
+    tok = tiny_tokenizer(['<|endoftext|>'], eos_token='<|endoftext|>')
+    m = FrameCountModel(tok)
+    proc = whisper_default_processor(tiny_random_whisper())
+    a = np.zeros(8000, np.float32); a[5] = np.inf
+    with pytest.raises(ValueError, match='audio 1 holds 1 non-finite'):
+        transcribe(m, proc, [np.zeros(8000, np.float32), a], progress=False)
+
+
+def test_calibration_with_nan_audio_names_the_utterance():
+    from fade_asr.families import pack_utterances
+    from fade_asr.testing import Utt
+    us = [Utt(i, 1.0, np.random.default_rng(i)) for i in range(3)]; us[1].audio[3] = np.nan
+    with pytest.raises(ValueError, match='u1 hold non-finite'):
+        pack_utterances(us)
+
+
+@pytest.fixture(scope='module')
+def saved_whisper(tmp_path_factory):
+    m = tiny_random_whisper(); proc = whisper_default_processor(m)
+    d = tmp_path_factory.mktemp('ckpt') / 'w'
+    m.save_pretrained(d); proc.save_pretrained(d)
+    return d
+
+
+def test_pickled_weights_are_never_loaded(saved_whisper, tmp_path):
+    d = tmp_path / 'pickled'; shutil.copytree(saved_whisper, d)
+    m = tiny_random_whisper()
+    (d / 'model.safetensors').unlink(); torch.save(m.state_dict(), d / 'pytorch_model.bin')
+    with pytest.raises(CheckpointError, match=r'only as pickles \(pytorch_model\.bin\).*safe_serialization=True'):
+        load_model(d)
+
+
+def test_nan_weights_are_refused_naming_the_tensor(saved_whisper, tmp_path):
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / 'nan'; shutil.copytree(saved_whisper, d)
+    sd = load_file(d / 'model.safetensors'); k = 'model.encoder.layers.1.fc2.weight'
+    sd[k][0, 0] = float('nan'); save_file(sd, d / 'model.safetensors', metadata={'format': 'pt'})
+    with pytest.raises(CheckpointError, match=rf'tensor {k} holds 1 NaN/inf'):
+        load_model(d)
+
+
+def test_unexpected_weights_are_refused(saved_whisper, tmp_path):
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / 'extra'; shutil.copytree(saved_whisper, d)
+    sd = load_file(d / 'model.safetensors'); sd['model.encoder.layers.9.fc2.weight'] = torch.zeros(2, 2)
+    save_file(sd, d / 'model.safetensors', metadata={'format': 'pt'})
+    with pytest.raises(CheckpointError, match='unexpected keys: model.encoder.layers.9.fc2.weight'):
+        load_model(d)
+
+
+@pytest.fixture(scope='module')
+def packed(tmp_path_factory):
+    from fade_asr.packing import pack_model, save_packed
+    from fade_asr.pipeline import QuantConfig, quantize
+    from fade_asr.testing import Utt
+    m = tiny_random_whisper(); proc = whisper_default_processor(m)
+    rng = np.random.default_rng(0)
+    qm, rep = quantize(m, [Utt(i, 1.0, rng) for i in range(4)], QuantConfig.make(method='rtn', bits=4, group_size=32),
+                       processor=proc, progress=False)
+    d = tmp_path_factory.mktemp('packed') / 'p'
+    save_packed(pack_model(qm, rep.solutions), d, proc)
+    return d
+
+
+def _edit_packed(src, dst, tensors=None, qc=None):
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    if tensors:
+        sd = load_file(dst / 'model.safetensors'); tensors(sd)
+        save_file(sd, dst / 'model.safetensors', metadata={'format': 'pt'})
+    if qc: (dst / 'quantize_config.json').write_text(qc(json.loads((dst / 'quantize_config.json').read_text())))
+    return dst
+
+
+@pytest.mark.parametrize('case,tensors,qc,msg', [
+    ('nan-scales', lambda sd: sd['model.encoder.layers.0.fc1.scales'].view(-1).__setitem__(0, float('nan')), None,
+     'tensor model.encoder.layers.0.fc1.scales holds NaN/inf'),
+    ('g_idx', lambda sd: sd['model.encoder.layers.0.fc1.g_idx'].view(-1).__setitem__(0, 99), None, 'g_idx points outside'),
+    ('array', None, lambda q: '[1, 2]', 'must hold a JSON object'),
+    ('bits', None, lambda q: json.dumps({**q, 'bits': 'four'}), "bits is 'four'"),
+])
+def test_damaged_packed_checkpoints_are_refused(packed, tmp_path, case, tensors, qc, msg):
+    from fade_asr.packing import load_packed
+    d = _edit_packed(packed, tmp_path / case, tensors, qc)
+    with pytest.raises(ValueError, match=msg):
+        load_packed(d)
+    r = run_cli('eval', '--model', str(d), '--limit', '1', '--data', 'asterisk')
+    assert r.returncode != 0 and msg.split()[0] in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
+def test_activation_clips_nan_or_missing_are_refused():
+    from fade_asr.actquant import attach_act_quant, restore_act_quant
+    m = tiny_random_whisper()
+    names = ['model.encoder.layers.0.fc1', 'model.encoder.layers.0.fc2']
+    with pytest.raises(ValueError, match="clip of 'model.encoder.layers.0.fc2' is nan"):
+        attach_act_quant(m, {names[0]: 1.0, names[1]: float('nan')}, 8)
+    attach_act_quant(m, {n: 1.0 for n in names}, 8)
+    state = json.loads(json.dumps(m._fade_act)); state['clips'].pop(names[1])
+    with pytest.raises(ValueError, match='holds 2 activation clips but lists 1'):
+        restore_act_quant(m, state)
+
+
+def test_bare_command_prints_help():
+    r = run_cli()
+    assert r.returncode == 0 and 'usage: fade-asr' in r.stdout and 'quantize' in r.stdout, r.stderr
+
+
+def test_ctrl_c_is_one_line_and_no_traceback(tmp_path):
+    import os, signal, subprocess, sys, time
+    env = {**os.environ, 'FADE_ASR_QUIET': '1'}
+    p = subprocess.Popen([sys.executable, '-c', 'import sys; from fade_asr.cli import main; sys.exit(main())', 'quantize',
+                          '--out', str(tmp_path / 'o'), '--limit', '1'], stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(8); p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and 'interrupted' in err and 'Traceback' not in err, err
+    assert not (tmp_path / 'o').exists() and list(tmp_path.iterdir()) == []
