@@ -70,3 +70,9 @@ def test_quantize_end_to_end_small(tmp_path):
     q = json.loads((out / 'wer.json').read_text())['results']['rtn-w4g128']['asterisk']['wer']
     e = json.loads((tmp_path / 'e.json').read_text())['results']['packed']['asterisk']['wer']
     assert q == e, 'the saved quantized model must reproduce the WER it was reported with'
+    again = ('quantize', '--recipe', 'rtn-w4g128', '--n-calib', '8', '--data', 'asterisk', '--limit', '1', '--out', str(out))
+    r3 = run_cli(*again)                                   # the same --out again: refused, before any work
+    assert r3.returncode != 0 and 'pass --overwrite' in r3.stderr and 'Traceback' not in r3.stderr, r3.stderr[-2000:]
+    r4 = run_cli(*again, '--overwrite')
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    assert json.loads((out / 'wer.json').read_text())['results']['rtn-w4g128']['asterisk']['n_utts'] == 1
