@@ -167,9 +167,14 @@ def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=N
     return recs
 
 # %% ../nbs/20_benchmark.ipynb #07f825b1
-def load_runs(out_dir='bench') -> list[dict]:
-    "Every stored run record under `out_dir/runs`."
-    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob('runs/w*/*.json'))]
+def load_runs(out_dir='bench', limit: int | None = None) -> list[dict]:
+    "Every stored run record under `out_dir/runs` (or `runs-limitN` for runs on a `limit`ed test set)."
+    runs = []
+    for p in sorted(Path(out_dir).glob(f"{'runs' if limit is None else f'runs-limit{limit}'}/w*/*.json")):
+        try: runs.append(json.loads(p.read_text(encoding='utf-8')))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"benchmark run {p} is damaged ({e}); delete it and run `fade-asr bench` again to redo that run") from None
+    return runs
 
 # %% ../nbs/20_benchmark.ipynb #e558db51
 def _errs(rec, ds):
@@ -310,12 +315,13 @@ def plot_error_through_depth(runs, bits: int, labels=('RTN', 'GPTQ', 'QEP α=0.5
     return ax
 
 # %% ../nbs/20_benchmark.ipynb #ab0fbcf4
-def write_report(out_dir='bench') -> str:
-    "Rebuild `results.md`, `results.json` and the PNG plots in `out_dir` from the stored runs; returns the Markdown."
+def write_report(out_dir='bench', limit: int | None = None) -> str:
+    "Rebuild `results.md`, `results.json` and the PNG plots in `out_dir` (`out_dir/report-limitN` for `limit`ed runs) from the stored runs; returns the Markdown."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    out, runs = Path(out_dir), load_runs(out_dir)
-    if not runs: raise FileNotFoundError(f'no benchmark runs under {out}/runs; run `fade-asr bench` first')
+    out, runs = Path(out_dir) if limit is None else Path(out_dir) / f'report-limit{limit}', load_runs(out_dir, limit)
+    if not runs: raise FileNotFoundError(f'no benchmark runs under {Path(out_dir)}/{"runs" if limit is None else f"runs-limit{limit}"}; run `fade-asr bench` first')
+    out.mkdir(parents=True, exist_ok=True)
     md = ['## WER (mean ± std over calibration seeds)', summary_table(runs), '', '## Paired comparisons', paired_table(runs)]
     for ds in dict.fromkeys(d for r in runs for d in r['results']):
         fig, ax = plt.subplots(figsize=(6, 4)); plot_wer_vs_bits(runs, ds, ax); fig.tight_layout(); fig.savefig(out/f'wer_vs_bits_{ds}.png', dpi=110); plt.close(fig)
@@ -380,12 +386,13 @@ def plot_sensitivity(runs, bits: int, ax=None, gamma: float = 0.25):
     return ax
 
 # %% ../nbs/20_benchmark.ipynb #a5b0673e
-def write_act_report(out_dir='bench/act') -> str:
-    "Rebuild `results.md`, `results.json` and the PNG plots of the activation suite in `out_dir`; returns the Markdown."
+def write_act_report(out_dir='bench/act', limit: int | None = None) -> str:
+    "Rebuild `results.md`, `results.json` and the PNG plots of the activation suite in `out_dir` (`out_dir/report-limitN` for `limit`ed runs); returns the Markdown."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    out, runs = Path(out_dir), load_runs(out_dir)
-    if not runs: raise FileNotFoundError(f'no activation-suite runs under {out}/runs; run `fade-asr bench --suite activations` first')
+    out, runs = Path(out_dir) if limit is None else Path(out_dir) / f'report-limit{limit}', load_runs(out_dir, limit)
+    if not runs: raise FileNotFoundError(f'no activation-suite runs under {Path(out_dir)}/{"runs" if limit is None else f"runs-limit{limit}"}; run `fade-asr bench --suite activations` first')
+    out.mkdir(parents=True, exist_ok=True)
     screens = [dict(label=r['label'], seed=r['seed'], flagged=r['report']['act']['screening']['flagged'],
                     best_pct=r['report']['act']['search']['best_pct'], stage1_s=r['report']['act']['screening']['seconds'],
                     stage2_s=r['report']['act']['search']['seconds'])

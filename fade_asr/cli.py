@@ -153,7 +153,7 @@ def cmd_bench(a):
         run_bench(out, bits=bits, seeds=range(seeds), methods=a.methods, data=a.data, limit=a.limit,
                   batch_size=a.batch_size, model=a.model, shard=_shard(a.shard), suite=suite,
                   **({} if a.fraction is None else dict(fraction=a.fraction)))
-    print(report(out))
+    print(report(out, limit=a.limit))
 
 # %% ../nbs/21_cli.ipynb #920cdec6
 def cmd_bench_kernels(a):

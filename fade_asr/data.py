@@ -17,7 +17,7 @@ import numpy as np
 from .util import atomic_write_text, publish_dir
 
 # %% auto #0
-__all__ = ['SAMPLE_RATE', 'SPLITS', 'CORPUS_KINDS', 'ASTERISK_PACKAGES', 'ASTERISK_FRACTIONS', 'STRINGR_PACKAGE',
+__all__ = ['SAMPLE_RATE', 'SPLITS', 'AUDIO_KEYS', 'CORPUS_KINDS', 'ASTERISK_PACKAGES', 'ASTERISK_FRACTIONS', 'STRINGR_PACKAGE',
            'HARVARD_FRACTIONS', 'Utterance', 'SpeechDataset', 'AudioError', 'AudioFileNotFound', 'load_audio',
            'save_audio', 'write_manifest', 'read_manifest', 'load_manifest', 'text_key', 'assign_splits', 'data_dir',
            'shipped_datasets', 'dataset_info', 'parse_data_spec', 'librispeech_rows', 'tedlium_text', 'tedlium_rows',
@@ -187,19 +187,26 @@ def write_manifest(rows: Sequence[dict], path: str | os.PathLike):
     atomic_write_text(Path(path), ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
 
 # %% ../nbs/08_data.ipynb #b68b493b
+AUDIO_KEYS = ('file', 'path', 'audio')   # what manifests written by other tools call the audio path
+
 def read_manifest(path: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
-    "Parse a JSONL manifest: `(rows, bad)`, `bad` = `[(\"path:line\", reason)]`. `file` is resolved to an absolute path."
+    "Parse a JSONL manifest: `(rows, bad)`, `bad` = `[(\"path:line\", reason)]`. The audio path (`file`, `path` or `audio`) is resolved to an absolute path."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"Manifest not found: {path}.")
+    try: text_all = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        raise ValueError(f"manifest {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 JSON lines") from None
     rows, bad, seen = [], [], set()
-    for ln, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
+    for ln, line in enumerate(text_all.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith('#'): continue
         where = f"{path.name}:{ln}"
         try: r = json.loads(line)
         except json.JSONDecodeError as e: bad.append((where, f"line {ln} is not valid JSON ({e.msg})")); continue
         if not isinstance(r, dict): bad.append((where, f"line {ln} is not a JSON object")); continue
-        f = r.get('file', r.get('path'))
-        if not f: bad.append((where, f"line {ln} has no 'file'/'path' field")); continue
+        f = next((r[k] for k in AUDIO_KEYS if r.get(k) is not None), None)
+        if f is None: bad.append((where, f"line {ln} has no audio path (one of {', '.join(AUDIO_KEYS)})")); continue
+        if not isinstance(f, str) or not f.strip():
+            bad.append((where, f"line {ln}: the audio path must be a non-empty string, not {f!r}")); continue
         text = r.get('text')
         if not isinstance(text, str) or not text.strip():
             bad.append((r.get('id', where), f"line {ln}: empty or missing transcript ('text')")); continue

@@ -190,7 +190,10 @@ def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = Fal
     qc = quantize_config(model, act_order)
     with atomic_dir(out_dir, overwrite) as tmp:
         sd, tied = _dedupe(model.state_dict())
-        save_file(sd, str(tmp / WEIGHTS), metadata={'format': 'pt', 'fade_asr': 'packed', 'tied': json.dumps(tied)})
+        try: save_file(sd, str(tmp / WEIGHTS), metadata={'format': 'pt', 'fade_asr': 'packed', 'tied': json.dumps(tied)})
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own SafetensorError (not an OSError) when the disk is full
+            raise OSError(f"could not write {Path(out_dir) / WEIGHTS} ({type(e).__name__}: {e}); is the disk full or "
+                          "read-only? Free space or choose another output folder (nothing was changed)") from None
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2))
         if hasattr(model, 'config'):
             model.config.architectures = [type(model).__name__]      # the class to rebuild, as save_pretrained records it

@@ -136,8 +136,10 @@ def read_recipes(path=None) -> configparser.ConfigParser:
     "Parse the recipes file; a syntax error names the file and line."
     p = recipes_path(path)
     cp = configparser.ConfigParser(interpolation=None)
-    try: cp.read_string(p.read_text(), source=str(p))
+    try: cp.read_string(p.read_text(encoding='utf-8'), source=str(p))
     except configparser.Error as e: raise ValueError(f"{p} is not a valid recipes INI file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipes file {p} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     return cp
 
 # %% ../nbs/15_recipes.ipynb #91f55117

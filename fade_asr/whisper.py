@@ -308,10 +308,17 @@ def ct2_to_hf(ct2_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     bad = {k: str(v.dtype) for k, v in f.variables.items() if v.ndim and v.dtype.kind != 'f'}
     if bad: raise Ct2FormatError(f"{d}: quantized (integer) weights {list(bad)[:3]}...; only float16/bfloat16/float32 "
                                  f"CT2 models convert exactly; re-convert with --quantization float16")
+    bad = [k for k, v in f.variables.items() if v.dtype.kind == 'f' and not np.isfinite(v).all()]
+    if bad: raise Ct2FormatError(f"{d / 'model.bin'}: variable {bad[0]} holds NaN/inf; {_FIX}")
     t = _Take(f)
-    config = _whisper_config(t, cfg, sp)
-    sd = _whisper_state_dict(t, config)
-    t.finish()
+    try:
+        config = _whisper_config(t, cfg, sp)
+        sd = _whisper_state_dict(t, config)
+        t.finish()
+    except Ct2FormatError as e: raise Ct2FormatError(f"{d / 'model.bin'}: {e}") from None   # name the file
+    except KeyError as e:
+        raise Ct2FormatError(f"{d / 'model.bin'}: CT2 variable {e.args[0]!r} is missing; this is not a Whisper model the "
+                             "converter knows; re-convert it with ctranslate2's Whisper converter") from None
     with torch.device('meta'): model = WhisperForConditionalGeneration(config)
     state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype) for k, v in sd.items()}
     state['proj_out.weight'] = state['model.decoder.embed_tokens.weight']
@@ -380,12 +387,13 @@ def _fsync(path: Path):
 
 # %% ../nbs/10_whisper.ipynb #e0842c55
 def cache_entry_valid(d: Path) -> bool:
-    "True if `d` is a complete cache entry: marker present, our converter version, every listed file at its size."
+    "True if `d` is a complete, untouched cache entry: marker present, our converter version, every listed file at its size and SHA-256."
     try:
         meta = json.loads((d / CACHE_MARKER).read_text(encoding='utf-8'))
         if meta.get('converter_version') != CONVERTER_VERSION: return False
         files = meta['files']
-        return bool(files) and all((d / n).is_file() and (d / n).stat().st_size == sz for n, sz in files.items())
+        return bool(files) and all((d / n).is_file() and (d / n).stat().st_size == f['size'] and file_sha256(d / n) == f['sha256']
+                                   for n, f in files.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -398,7 +406,7 @@ def _write_cache_entry(model, proc, out: Path, meta: dict) -> None:
     try:
         model.save_pretrained(tmp)
         proc.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: {'size': p.stat().st_size, 'sha256': file_sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
         for n in files: _fsync(tmp / n)
         marker = tmp / CACHE_MARKER
         marker.write_text(json.dumps({**meta, 'converter_version': CONVERTER_VERSION, 'files': files}, indent=1))

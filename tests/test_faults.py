@@ -90,16 +90,22 @@ def test_unexpected_weights_are_refused(saved_whisper, tmp_path):
 
 
 @pytest.fixture(scope='module')
-def packed(tmp_path_factory):
-    from fade_asr.packing import pack_model, save_packed
+def packed_model():
+    from fade_asr.packing import pack_model
     from fade_asr.pipeline import QuantConfig, quantize
     from fade_asr.testing import Utt
     m = tiny_random_whisper(); proc = whisper_default_processor(m)
     rng = np.random.default_rng(0)
     qm, rep = quantize(m, [Utt(i, 1.0, rng) for i in range(4)], QuantConfig.make(method='rtn', bits=4, group_size=32),
                        processor=proc, progress=False)
+    return pack_model(qm, rep.solutions), proc
+
+
+@pytest.fixture(scope='module')
+def packed(packed_model, tmp_path_factory):
+    from fade_asr.packing import save_packed
     d = tmp_path_factory.mktemp('packed') / 'p'
-    save_packed(pack_model(qm, rep.solutions), d, proc)
+    save_packed(*packed_model[:1], d, packed_model[1])
     return d
 
 
@@ -155,3 +161,54 @@ def test_ctrl_c_is_one_line_and_no_traceback(tmp_path):
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 130 and 'interrupted' in err and 'Traceback' not in err, err
     assert not (tmp_path / 'o').exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bench_limit_reports_its_runs_and_names_a_damaged_run(tmp_path, saved_whisper):
+    out = tmp_path / 'b'
+    base = ('bench', '--methods', 'FP', '--bits', '4', '--seeds', '1', '--data', 'asterisk', '--limit', '2', '--out', str(out))
+    r = run_cli(*base)
+    assert r.returncode == 0 and '| FP |' in r.stdout, r.stderr[-2000:]
+    assert (out / 'report-limit2' / 'results.md').is_file() and not (out / 'results.md').exists()
+    r = run_cli(*base, '--model', str(saved_whisper))           # another model into the same --out: refused
+    assert r.returncode != 0 and 'different model_sha256' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    run = next((out / 'runs-limit2').glob('w4/*.json')); run.write_text('{"label": "FP", ')
+    r = run_cli(*base, '--report-only')
+    assert r.returncode != 0 and f'benchmark run {run} is damaged' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+
+def test_non_utf8_recipes_file_is_named(tmp_path):
+    ini = tmp_path / 'r.ini'; ini.write_bytes(b'[fade-x]\nmethod = fade\n# caf\xe9\n')
+    r = run_cli('recipes', '--recipes', str(ini))
+    assert r.returncode != 0 and f'recipes file {ini} is not UTF-8' in r.stderr, r.stderr
+
+
+def test_a_full_disk_is_one_clear_error_and_changes_nothing(packed_model, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+    from fade_asr.packing import save_packed
+    pm, proc = packed_model
+    def full(*a, **k): raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull })')
+    monkeypatch.setattr(safetensors.torch, 'save_file', full)
+    with pytest.raises(OSError, match='is the disk full or read-only'):
+        save_packed(pm, tmp_path / 'p', proc)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_damaged_ct2_variables_name_the_file(monkeypatch):
+    import fade_asr.whisper as W
+    real = W.read_ct2
+    def edit(rename=False, nan=False):
+        def fake(path):
+            f = real(path); v = dict(f.variables)
+            if rename: v['encoder/layer_0/ffn/linear_0/weighX'] = v.pop('encoder/layer_0/ffn/linear_0/weight')
+            if nan:
+                w = v['decoder/layer_1/ffn/linear_1/weight'].copy(); w[0, 0] = np.nan; v['decoder/layer_1/ffn/linear_1/weight'] = w
+            return W.Ct2File(f.spec_name, f.version, f.revision, v, f.aliases)
+        return fake
+    d = W.bundled_model_dir()
+    monkeypatch.setattr(W, 'read_ct2', edit(rename=True))
+    with pytest.raises(W.Ct2FormatError, match=r"model\.bin: CT2 variable 'encoder/layer_0/ffn/linear_0/weight' is missing"):
+        W.ct2_to_hf(d)
+    monkeypatch.setattr(W, 'read_ct2', edit(nan=True))
+    with pytest.raises(W.Ct2FormatError, match=r'decoder/layer_1/ffn/linear_1/weight holds NaN/inf'):
+        W.ct2_to_hf(d)

@@ -352,7 +352,7 @@ def _entry_copy(loaded, root: Path) -> Path:
     e = root / loaded.cache_dir.name; shutil.copytree(loaded.cache_dir, e); return e
 
 
-@pytest.mark.parametrize('damage', ['no_marker', 'short_weights', 'old_version', 'garbage_marker', 'garbage_weights'])
+@pytest.mark.parametrize('damage', ['no_marker', 'short_weights', 'old_version', 'garbage_marker', 'garbage_weights', 'poisoned'])
 def test_bad_cache_entry_is_rebuilt(loaded, tmp_path, damage):
     root = tmp_path / 'c'; e = _entry_copy(loaded, root)
     st_ = e / 'model.safetensors'; mk = e / CACHE_MARKER
@@ -362,17 +362,13 @@ def test_bad_cache_entry_is_rebuilt(loaded, tmp_path, damage):
         m = json.loads(mk.read_text()); m['converter_version'] = -1; mk.write_text(json.dumps(m))
     elif damage == 'garbage_marker': mk.write_text('{not json')
     elif damage == 'garbage_weights': st_.write_bytes(b'\x07' * st_.stat().st_size)  # same size, sizes look fine
-    ctx = pytest.warns(UserWarning, match='rebuilding') if damage == 'garbage_weights' else _nullctx()
-    with ctx:
-        lm = load_model(cache_dir=root)
+    elif damage == 'poisoned':                       # same size, still a valid safetensors file: other weights
+        b = bytearray(st_.read_bytes()); b[-100] ^= 0x40; st_.write_bytes(bytes(b))
+    assert not cache_entry_valid(e)                  # found by its content hash, before anything loads it
+    lm = load_model(cache_dir=root)
     assert lm.converted and cache_entry_valid(e)
     assert sorted(p.name for p in root.iterdir()) == [e.name]  # no temp/trash dirs left
     assert not load_model(cache_dir=root).converted
-
-
-class _nullctx:
-    def __enter__(self): return self
-    def __exit__(self, *a): return False
 
 
 def test_stale_temp_dir_is_ignored(loaded, tmp_path):
