@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from .quantizer import QuantSpec, QuantResult
 from .pack_format import PACK_BITS, PackedLayer, chunk_size, pack_layer, _check_format, _unpack_last
 from .kernels import cupy_available, quant_matmul
-from .util import atomic_dir
+from .util import atomic_dir, file_sha256
 from .actquant import restore_act_quant
 
 # %% auto #0
 __all__ = ['BACKENDS', 'QUANTIZE_CONFIG', 'WEIGHTS', 'ACT_QUANT', 'resolve_backend', 'QuantLinear', 'pack_model', 'packed_layers',
-           'set_backend', 'quantize_config', 'save_packed', 'is_packed_dir', 'read_packed_tensors', 'write_act_quant',
-           'load_act_quant', 'read_quantize_config', 'load_packed', 'tensor_bytes', 'linear_bytes']
+           'set_backend', 'quantize_config', 'layer_checks', 'verify_layer_checks', 'save_packed', 'is_packed_dir',
+           'read_packed_tensors', 'write_act_quant', 'load_act_quant', 'read_quantize_config', 'load_packed',
+           'tensor_bytes', 'linear_bytes']
 
 # %% ../nbs/19_packing.ipynb #7862c90c
 BACKENDS = ('auto', 'torch', 'cupy')
@@ -182,6 +183,23 @@ def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[
         kept[k] = v.contiguous()
     return kept, dropped
 
+# %% ../nbs/19_packing.ipynb #c7b52334
+def layer_checks(model: nn.Module) -> dict[str, list[float]]:
+    "{name: [Σ Ŵ, Σ Ŵ²]} of every packed layer, in float64: a fingerprint of what the codes, scales, zeros and format decode to."
+    out = {}
+    for n, l in packed_layers(model).items():
+        W = l.dequantize(torch.float64); out[n] = [float(W.sum()), float((W * W).sum())]
+    return out
+
+def verify_layer_checks(model: nn.Module, checks: dict, where) -> None:
+    "A clear error if a loaded packed model decodes to other weights than were saved (e.g. a format edited from v1 to v2)."
+    for n, got in layer_checks(model).items():
+        want = checks.get(n)
+        if want is None: raise ValueError(f"{where} has no check for {n}; it was not written by this version of fade_asr: re-run `fade-asr quantize`")
+        if any(abs(g - w) > 1e-6 * max(1.0, abs(w)) for g, w in zip(got, want)):
+            raise ValueError(f"{where}: {n} decodes to other weights than were saved (Σ Ŵ {got[0]:.6g}, saved {want[0]:.6g}); "
+                             "quantize_config.json does not match the weights (format, bits or group size edited?): re-run `fade-asr quantize`")
+
 # %% ../nbs/19_packing.ipynb #c89ef316
 def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = False, extra: dict[str, str] | None = None,
                 overwrite: bool = False) -> Path:
@@ -194,6 +212,7 @@ def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = Fal
         except Exception as e:  # noqa: BLE001 -- safetensors raises its own SafetensorError (not an OSError) when the disk is full
             raise OSError(f"could not write {Path(out_dir) / WEIGHTS} ({type(e).__name__}: {e}); is the disk full or "
                           "read-only? Free space or choose another output folder (nothing was changed)") from None
+        qc['fade_asr'].update(weights_sha256=file_sha256(tmp / WEIGHTS), checks=layer_checks(model))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2))
         if hasattr(model, 'config'):
             model.config.architectures = [type(model).__name__]      # the class to rebuild, as save_pretrained records it
@@ -311,6 +330,11 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == 'meta']
     if missing: raise ValueError(f"{d / WEIGHTS} lacks {len(missing)} tensor(s) the model needs (first: {missing[0]}); "
                                  f"the file is incomplete or from another model: re-run `fade-asr quantize`")
+    ours = json.loads((d / QUANTIZE_CONFIG).read_text(encoding='utf-8'))['fade_asr']
+    if 'checks' in ours: verify_layer_checks(model, ours['checks'], d / QUANTIZE_CONFIG)
+    if 'weights_sha256' in ours and file_sha256(d / WEIGHTS) != ours['weights_sha256']:   # anything the checks above missed
+        raise ValueError(f"{d / WEIGHTS} is not the file that was saved (its SHA-256 differs from {QUANTIZE_CONFIG}'s); "
+                         "it was changed or damaged: re-run `fade-asr quantize`")
     if (d / 'generation_config.json').is_file():                         # decoding settings (Whisper: suppressed tokens, max_length)
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(d, local_files_only=True)

@@ -6,12 +6,13 @@ Docs: https://fade-asr.github.io/fade_asr/util.html.md"""
 
 # %% ../nbs/00_util.ipynb #1d8bfdbd
 from __future__ import annotations
-import json, os, shutil, tempfile, uuid
+import hashlib, json, os, shutil, tempfile, uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'check_output_dir', 'clean_stale', 'publish_dir', 'atomic_dir', 'quiet']
+__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'check_output_dir', 'clean_stale', 'publish_dir', 'atomic_dir', 'file_sha256',
+           'quiet']
 
 # %% ../nbs/00_util.ipynb #f0ffac16
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -133,6 +134,14 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
     return out
+
+# %% ../nbs/00_util.ipynb #6f37f452
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    "Hex SHA-256 of a file, read in chunks."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while b := f.read(chunk): h.update(b)
+    return h.hexdigest()
 
 # %% ../nbs/00_util.ipynb #aa031e57
 def quiet(progress: bool = True) -> bool:

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .util import file_sha256
 from .families import (causal_mask, ModelAdapter, ModelFamily, LoadedModel, attn_roles, generate_batch,
                                 register_family, _from_pretrained)
 
 # %% auto #0
 __all__ = ['CT2_DTYPES', 'CT2_ITEMSIZE', 'CT2_VERSIONS', 'CONVERTER_VERSION', 'CACHE_MARKER', 'Ct2FormatError', 'Ct2File',
            'read_ct2', 'bundled_model_dir', 'ct2_to_hf', 'ct2_greedy_tokens', 'hf_greedy_tokens', 'cache_root',
-           'file_sha256', 'cache_entry_valid', 'load_ct2', 'whisper_default_processor', 'WhisperAdapter']
+           'cache_entry_valid', 'load_ct2', 'whisper_default_processor', 'WhisperAdapter']
 
 # %% ../nbs/10_whisper.ipynb #4ff1429b
 class Ct2FormatError(ValueError):
@@ -366,14 +367,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if os.environ.get('FADE_ASR_CACHE'): return Path(os.environ['FADE_ASR_CACHE']).expanduser()
     import platformdirs
     return Path(platformdirs.user_cache_dir('fade_asr'))
-
-# %% ../nbs/10_whisper.ipynb #61b0948c
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    "Hex SHA-256 of a file, read in chunks."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while b := f.read(chunk): h.update(b)
-    return h.hexdigest()
 
 # %% ../nbs/10_whisper.ipynb #f40331af
 def _fsync(path: Path):

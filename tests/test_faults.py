@@ -212,3 +212,14 @@ def test_damaged_ct2_variables_name_the_file(monkeypatch):
     monkeypatch.setattr(W, 'read_ct2', edit(nan=True))
     with pytest.raises(W.Ct2FormatError, match=r'decoder/layer_1/ffn/linear_1/weight holds NaN/inf'):
         W.ct2_to_hf(d)
+
+
+@pytest.mark.parametrize('case,tensors,qc,msg', [
+    ('v2-over-v1', None, lambda q: json.dumps({**q, 'fade_asr': {**q['fade_asr'], 'format': 'v2'}}), 'decodes to other weights'),
+    ('edited-weights', lambda sd: sd['model.decoder.layers.1.fc2.bias'].view(-1).__setitem__(0, 0.5), None,
+     'is not the file that was saved'),
+])
+def test_checkpoints_that_do_not_decode_to_what_was_saved_are_refused(packed, tmp_path, case, tensors, qc, msg):
+    from fade_asr.packing import load_packed
+    with pytest.raises(ValueError, match=msg):
+        load_packed(_edit_packed(packed, tmp_path / case, tensors, qc))
