@@ -198,7 +198,7 @@ class _Observe:
 # %% ../nbs/17_activation_quant.ipynb #d67c52bc
 @torch.no_grad()
 def collect_act_stats(model: nn.Module, processor, utts: Sequence, layers: Sequence[str] | None = None,
-                      window_s: float = 30.0, progress: bool = False) -> dict[str, AbsHistogram]:
+                      window_s: float = 30.0, progress: bool = False, language: str | None = None) -> dict[str, AbsHistogram]:
     "A histogram of $|x|$ of the input of each layer (default `act_layers`) while `model` transcribes `utts` packed into windows."
     utts = list(utts)
     if not utts: raise ValueError("the activation calibration set is empty; pass utterances, e.g. data.calibration_subset('asterisk', 32, seed=0)")
@@ -208,7 +208,7 @@ def collect_act_stats(model: nn.Module, processor, utts: Sequence, layers: Seque
     if bad: raise ValueError(f"{bad[0]!r} is not a quantizable layer of this model; see actquant.act_layers(model)")
     hists = {n: AbsHistogram() for n in names}
     hooks = [mods[n].register_forward_pre_hook(_Observe(n, hists[n])) for n in names]
-    try: transcribe(model, processor, [w.audio for w in pack_utterances(utts, window_s)], progress=progress)
+    try: transcribe(model, processor, [w.audio for w in pack_utterances(utts, window_s)], progress=progress, language=language)
     finally:
         for h in hooks: h.remove()
     unused = [n for n, h in hists.items() if h.n == 0]

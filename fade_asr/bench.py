@@ -91,10 +91,11 @@ def data_sha256(utts) -> str:
     for u in utts: h.update(f"{u.id}|{u.text}|".encode()); h.update(np.ascontiguousarray(u.audio, np.float32).tobytes())
     return h.hexdigest()
 
-def run_key(model: torch.nn.Module, datasets: dict, fraction: float) -> dict:
-    "What a benchmark run measured: the model's weights, the test utterances of each set and the test fraction."
-    return {'model_sha256': model_sha256(model), 'data_sha256': {k: data_sha256(v) for k, v in sorted(datasets.items())},
-            'test_fraction': fraction}
+def run_key(model: torch.nn.Module, datasets: dict, fraction: float, language: str | None = None, task: str | None = None) -> dict:
+    "What a benchmark run measured: the model's weights, the test utterances of each set, the test fraction (and a language or task other than the default)."
+    key = {'model_sha256': model_sha256(model), 'data_sha256': {k: data_sha256(v) for k, v in sorted(datasets.items())},
+           'test_fraction': fraction}
+    return {**key, **{k: v for k, v in (('language', language), ('task', task)) if v is not None}}
 
 # %% ../nbs/20_benchmark.ipynb #4fbb89ac
 def claim_runs(runs_dir, key: dict) -> Path:
@@ -102,7 +103,7 @@ def claim_runs(runs_dir, key: dict) -> Path:
     runs_dir = Path(runs_dir); f = runs_dir / RUN_KEY
     if f.is_file():
         old = json.loads(f.read_text())
-        diff = [k for k in ('model_sha256', 'test_fraction') if old.get(k) != key[k]]
+        diff = [k for k in ('model_sha256', 'test_fraction', 'language', 'task') if old.get(k) != key.get(k)]
         diff += [f"data set {d!r}" for d in key['data_sha256'] if old.get('data_sha256', {}).get(d) not in (None, key['data_sha256'][d])]
         if diff:
             raise ValueError(f"{runs_dir} holds benchmark runs of a different {', '.join(diff)} ({f}); mixing them would "
@@ -116,13 +117,14 @@ def claim_runs(runs_dir, key: dict) -> Path:
 
 # %% ../nbs/20_benchmark.ipynb #9b8a87b7
 def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, batch_size: int | None = None,
-            limit: int | None = None, fraction: float = BENCH_TEST_FRACTION, key: dict | None = None) -> dict:
+            limit: int | None = None, fraction: float = BENCH_TEST_FRACTION, key: dict | None = None,
+            language: str | None = None, task: str | None = None) -> dict:
     """Quantize with method `m` and calibration seed `seed`, evaluate on `datasets`, store and return the record.
     A stored run is reused only from a runs folder claimed under the same `key` (default: `run_key` of these)."""
     path = run_path(out_dir, m, bits, seed, limit)
-    claim_runs(path.parents[1], key or run_key(lm.model, datasets, fraction))
+    claim_runs(path.parents[1], key or run_key(lm.model, datasets, fraction, language, task))
     if path.exists(): return json.loads(path.read_text())
-    cfg = load_recipe(m.recipe, seed=seed, **dict(m.overrides))
+    cfg = load_recipe(m.recipe, seed=seed, **{**dict(m.overrides), 'language': language, 'task': task})
     rec = dict(label=m.label, recipe=m.recipe, overrides=dict(m.overrides), bits=bits,
                seed=seed if m.seeded else None, method=cfg.method, limit=limit, test_fraction=fraction)
     model, t0 = lm.model, time.time()
@@ -131,7 +133,8 @@ def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, b
                                  processor=lm.processor, progress=False)
         rec['report'] = report.to_dict()
     rec['quant_seconds'] = time.time() - t0
-    res = evaluate(model, lm.processor, datasets, batch_size=batch_size or DEFAULT_BATCH_SIZE, progress=False)
+    res = evaluate(model, lm.processor, datasets, batch_size=batch_size or DEFAULT_BATCH_SIZE, progress=False,
+                   language=language, task=task)
     rec['results'] = {k: r.as_dict(per_utterance=True) for k, r in res.items()}
     rec['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     atomic_write_text(path, json.dumps(rec) + '\n')
@@ -150,7 +153,8 @@ def _select(ms: list[BenchMethod], labels, every: Sequence[str] | None = None) -
 # %% ../nbs/20_benchmark.ipynb #a695f979
 def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=None, limit=None, batch_size=None,
               model=None, fraction: float = BENCH_TEST_FRACTION, shard: tuple[int, int] = (0, 1),
-              suite: Callable[[int], list[BenchMethod]] = default_methods) -> list[dict]:
+              suite: Callable[[int], list[BenchMethod]] = default_methods, language: str | None = None,
+              task: str | None = None) -> list[dict]:
     """Run (or resume) the whole grid, or the `shard=(i, n)`-th share of it; returns the records of the runs it visited.
     `suite(bits)` lists the methods (default: the weight-only suite; `act_methods`: the activation suite)."""
     lm = load_model(model)
@@ -161,9 +165,9 @@ def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=N
     # not every seed of one method
     every = [m.label for b in bits for m in suite(b)]
     todo = [(m, b, s) for s in seeds for b in bits for m in _select(suite(b), methods, every) if m.seeded or s == min(seeds)]
-    key, recs = run_key(lm.model, datasets, fraction), []
+    key, recs = run_key(lm.model, datasets, fraction, language, task), []
     for m, b, s in tqdm(todo[i::n], desc='benchmark runs', disable=quiet()):
-        recs.append(run_one(lm, m, b, s, datasets, out_dir, batch_size, limit, fraction, key))
+        recs.append(run_one(lm, m, b, s, datasets, out_dir, batch_size, limit, fraction, key, language, task))
     return recs
 
 # %% ../nbs/20_benchmark.ipynb #07f825b1

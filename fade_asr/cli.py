@@ -19,10 +19,11 @@ def _datasets(names, split='test', limit=None):
     return {n: load_dataset(n, split=split, limit=limit) for n in names}
 
 # %% ../nbs/21_cli.ipynb #17df611d
-def evaluate_models(models: dict, datasets: dict, batch_size: int | None = None, progress: bool = True) -> dict:
-    "Evaluate `{label: (model, processor)}` on `{name: SpeechDataset}`; returns `{label: {name: EvalResult}}`."
+def evaluate_models(models: dict, datasets: dict, batch_size: int | None = None, progress: bool = True, **kw) -> dict:
+    "Evaluate `{label: (model, processor)}` on `{name: SpeechDataset}` (`kw`: e.g. `language`); returns `{label: {name: EvalResult}}`."
     from fade_asr.scoring import evaluate, DEFAULT_BATCH_SIZE
-    return {label: evaluate(m, p, datasets, batch_size=batch_size or DEFAULT_BATCH_SIZE, progress=progress) for label, (m, p) in models.items()}
+    return {label: evaluate(m, p, datasets, batch_size=batch_size or DEFAULT_BATCH_SIZE, progress=progress, **kw)
+            for label, (m, p) in models.items()}
 
 # %% ../nbs/21_cli.ipynb #d63b2f10
 def save_quantized(model, processor, report, out_dir, table: str | None = None, extra: dict[str, str] | None = None,
@@ -68,6 +69,8 @@ def cmd_eval(a):
     from fade_asr.scoring import results_table, results_json
     from fade_asr.util import atomic_write_text
     from fade_asr.packing import is_packed_dir, load_packed
+    ds = _datasets(a.data, limit=a.limit)            # the data first: a bad set fails before a model is loaded
+    lang = dict(language=a.language, task=a.task)
     if a.model and is_packed_dir(a.model):          # a packed low-bit checkpoint from `fade-asr quantize`: run it packed
         if a.recipe and a.recipe != 'fp':
             raise ValueError(f"{a.model} is already quantized (packed); drop --recipe {a.recipe} to evaluate it as it is")
@@ -83,15 +86,14 @@ def cmd_eval(a):
                 raise ValueError(f"{a.model} is already quantized (it has {ACT_QUANT}); drop --recipe {a.recipe} to evaluate it as it is")
             load_act_quant(lm.model, Path(a.model)/ACT_QUANT)
             models = {Path(a.model).name: (lm.model, lm.processor)}
-    ds = _datasets(a.data, limit=a.limit)
     if a.recipe and a.recipe != 'fp' and 'FP' in models:
         from fade_asr.stablequant import quantize_model
         from fade_asr.recipes import load_recipe
         from fade_asr.data import calibration_subset
-        cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib, calib_data=a.calib_data)
+        cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib, calib_data=a.calib_data, **lang)
         qm, _ = quantize_model(lm.model, calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed), cfg, processor=lm.processor)
         models = {a.recipe: (qm, lm.processor)}
-    res = evaluate_models(models, ds, batch_size=a.batch_size)
+    res = evaluate_models(models, ds, batch_size=a.batch_size, **lang)
     print(results_table(res))
     if a.json: atomic_write_text(a.json, results_json(res)); print(f'wrote {a.json}')
     return res
@@ -107,19 +109,20 @@ def cmd_quantize(a):
     from fade_asr.util import check_output_dir
     from fade_asr.stablequant import quantize_model
     from fade_asr.packing import pack_model, save_packed
-    cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib, calib_data=a.calib_data)
+    lang = dict(language=a.language, task=a.task)
+    cfg = load_recipe(a.recipe, a.recipes, seed=a.seed, n_calib=a.n_calib, calib_data=a.calib_data, **lang)
     if cfg.method == 'fp' and a.save == 'packed':
         raise ValueError("recipe 'fp' quantizes nothing to pack; pick a quantization recipe (see `fade-asr recipes`)")
     out = check_output_dir(a.out or f'fade-asr-out/{a.recipe}-seed{cfg.seed}', a.overwrite)   # refuse before the work, not after
-    lm = load_model(a.model)
+    ds = _datasets(a.data, limit=a.limit)            # the data first: a bad set fails before a model is loaded
     calib = calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed)
+    lm = load_model(a.model)
     t0 = time.time()
     qm, report = quantize_model(lm.model, calib, cfg, processor=lm.processor)
     print(f'quantized with {a.recipe} (seed {cfg.seed}, {len(calib)} calibration utterances) in {time.time()-t0:.1f} s')
     if a.save == 'packed':                            # evaluate exactly what is saved: the packed model
         qm = pack_model(qm, report.solutions, fmt=a.checkpoint_format, scale_dtype=getattr(torch, a.scales), backend=a.backend)
-    ds = _datasets(a.data, limit=a.limit)
-    res = evaluate_models({'FP': (lm.model, lm.processor), a.recipe: (qm, lm.processor)}, ds, batch_size=a.batch_size)
+    res = evaluate_models({'FP': (lm.model, lm.processor), a.recipe: (qm, lm.processor)}, ds, batch_size=a.batch_size, **lang)
     table = results_table(res)
     print(table)
     if a.save == 'packed':
@@ -151,7 +154,7 @@ def cmd_bench(a):
     suite, report = (default_methods, write_report) if a.suite == 'weights' else (act_methods, write_act_report)
     if not a.report_only:
         run_bench(out, bits=bits, seeds=range(seeds), methods=a.methods, data=a.data, limit=a.limit,
-                  batch_size=a.batch_size, model=a.model, shard=_shard(a.shard), suite=suite,
+                  batch_size=a.batch_size, model=a.model, shard=_shard(a.shard), suite=suite, language=a.language, task=a.task,
                   **({} if a.fraction is None else dict(fraction=a.fraction)))
     print(report(out, limit=a.limit))
 
@@ -199,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     "The `fade-asr` argument parser."
     p = argparse.ArgumentParser(prog='fade-asr', description='Low-bit quantization of speech recognisers (RTN, GPTQ, QEP, FADE).')
     sub = p.add_subparsers(dest='cmd')
+    def lang_args(s):
+        s.add_argument('--language', default=None, help="the speech's language code, e.g. fr (default: English; a manifest's lang column wins per utterance); calibration prompts and scoring follow it")
+        s.add_argument('--task', choices=('transcribe', 'translate'), default=None, help='multilingual Whisper: transcribe (default) or translate to English')
     def common(s, recipe):
         s.add_argument('--model', default=None, help='CTranslate2 Whisper dir or HF checkpoint dir (default: bundled tiny.en)')
         s.add_argument('--recipe', default=recipe, help=f'recipe name from settings.ini (default: {recipe})')
@@ -209,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument('--n-calib', type=int, default=None, help='calibration utterances (default: the recipe\'s)')
         s.add_argument('--calib-data', default=None, help="calibration data: a shipped set or a corpus spec such as librispeech:/data/LibriSpeech/train-clean-100 (default: the recipe's)")
         s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
+        lang_args(s)
     s = sub.add_parser('quantize', help='quantize and report WER against FP (the main job)'); common(s, 'fade-w3g128')
     s.add_argument('--out', default=None, help='output dir, new or empty (default: fade-asr-out/RECIPE-seedN)')
     s.add_argument('--overwrite', action='store_true', help='replace an earlier fade-asr output in --out (never a folder with files of your own)')
@@ -235,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
     s.add_argument('--fraction', type=float, default=None, help="share of each test set scored, fixed by id hash (default: bench.BENCH_TEST_FRACTION, 0.5)")
     s.add_argument('--shard', default='0/1', help="i/n: run every n-th run from the i-th, to split the grid over n processes")
+    lang_args(s)
     s.add_argument('--methods', nargs='+', default=None, help='method labels to run (default: all; see bench.default_methods and bench.act_methods)')
     s.add_argument('--out', default=None, help='runs and results go here (default: bench/ or bench/act/)')
     s.add_argument('--report-only', action='store_true', help='only rebuild tables and plots from stored runs')

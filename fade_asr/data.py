@@ -38,6 +38,7 @@ class Utterance:
     audio: np.ndarray  # float32, 16 kHz, mono, shape (n_samples,)
     text: str          # reference transcript (unnormalised)
     source: str        # where it came from, e.g. 'asterisk', 'harvard-piper' or a file path
+    lang: str | None = None   # its language code ('en', 'fr', ...), from a manifest's `lang` column; None: the run's default
 
     @property
     def duration(self) -> float:
@@ -190,7 +191,7 @@ def write_manifest(rows: Sequence[dict], path: str | os.PathLike):
 AUDIO_KEYS = ('file', 'path', 'audio')   # what manifests written by other tools call the audio path
 
 def read_manifest(path: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
-    "Parse a JSONL manifest: `(rows, bad)`, `bad` = `[(\"path:line\", reason)]`. The audio path (`file`, `path` or `audio`) is resolved to an absolute path."
+    "Parse a JSONL manifest: `(rows, bad)`, `bad` = `[(\"path:line\", reason)]`. The audio path (`file`, `path` or `audio`) is resolved to an absolute path; an optional `lang` names each utterance's language."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"Manifest not found: {path}.")
     try: text_all = path.read_text(encoding='utf-8')
@@ -234,7 +235,8 @@ def _load_rows(rows, name, source, check_duration=True) -> tuple[list[Utterance]
         if check_duration and d is not None and abs(len(a) / SAMPLE_RATE - float(d)) > 0.05 + 0.01 * float(d):
             skipped.append((r['id'], f"{r['file']} decodes to {len(a)/SAMPLE_RATE:.2f}s but the manifest says "
                                      f"{float(d):.2f}s (truncated or replaced?); {_FIX}.")); continue
-        utts.append(Utterance(r['id'], a, r['text'], r.get('source', source)))
+        lang = r.get('lang', r.get('language'))
+        utts.append(Utterance(r['id'], a, r['text'], r.get('source', source), str(lang) if lang else None))
     return utts, skipped
 
 # %% ../nbs/08_data.ipynb #2b500678

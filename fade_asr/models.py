@@ -67,10 +67,12 @@ def load_model(source: str | os.PathLike | None = None, *, cache_dir: str | os.P
     return LoadedModel(model.eval(), proc, fam.name, str(d))
 
 # %% ../nbs/13_models.ipynb #0f57f557
-def get_adapter(model: nn.Module, processor=None, include=None, exclude=None, **kw) -> ModelAdapter:
-    "The adapter for `model`'s family; a clear error for families without one."
+def get_adapter(model: nn.Module, processor=None, include=None, exclude=None, language: str | None = None,
+                task: str | None = None, **kw) -> ModelAdapter:
+    "The adapter for `model`'s family, told the `language` and `task` if given (default: English, transcribe); a clear error for families without one."
     fam = find_family(model)
     if fam is None:
         raise ValueError(f"unknown model family {model_family(model)!r}; supported: {', '.join(sorted(FAMILIES))} "
                          "(write a ModelAdapter subclass and register it with families.register_family)")
+    kw.update({k: v for k, v in (('language', language), ('task', task)) if v is not None})
     return fam.adapter(model, processor, include, exclude, **kw)

@@ -27,6 +27,12 @@ class MoonshineAdapter(NativeLengthAdapter):
     roles = {**attn_roles('self_attn', 'o_proj'), **attn_roles('encoder_attn', 'o_proj', 'cross'),
              'mlp.fc1': 'mlp_up', 'mlp.fc2': 'mlp_down'}
 
+    def __init__(self, model, processor=None, include=None, exclude=None, language: str = 'en', task: str = 'transcribe'):
+        super().__init__(model, processor, include, exclude)
+        if not str(language).startswith('en') or task != 'transcribe':
+            raise ValueError(f"Moonshine transcribes English only; it cannot {task} {language!r}: leave --language and --task out")
+        self.language, self.task = language, task
+
     def prefix(self, stack): return f"model.{stack}.layers"
     def layers(self, model, stack): return getattr(model.model, stack).layers
 

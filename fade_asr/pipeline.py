@@ -568,7 +568,7 @@ def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *
         return qmodel, rep
     if calib is None or len(calib) == 0:
         raise ValueError("the calibration set is empty; pass utterances, e.g. data.calibration_subset('asterisk', n=128, seed=0)")
-    adapter = get_adapter(model, processor, include=cfg.include, exclude=cfg.exclude)
+    adapter = get_adapter(model, processor, include=cfg.include, exclude=cfg.exclude, language=cfg.language, task=cfg.task)
     _check_model(adapter, cfg)
     model.eval()
     windows = prepare_windows(adapter, calib, cfg, model)

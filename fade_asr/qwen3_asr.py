@@ -28,9 +28,10 @@ class Qwen3ASRAdapter(NativeLengthAdapter):
              'mlp.gate_proj': 'mlp_up', 'mlp.up_proj': 'mlp_up', 'mlp.down_proj': 'mlp_down'}
     _where = {'encoder': 'audio_tower', 'decoder': 'language_model'}
 
-    def __init__(self, model, processor=None, include=None, exclude=None, language: str = 'en'):
+    def __init__(self, model, processor=None, include=None, exclude=None, language: str = 'en', task: str = 'transcribe'):
         super().__init__(model, processor, include, exclude)
-        self.language = language
+        if task != 'transcribe': raise ValueError(f"Qwen3-ASR only transcribes (task {task!r} is not supported)")
+        self.language, self.task = language, task
 
     def prefix(self, stack): return f"model.{self._where[stack]}.layers"
     def layers(self, model, stack): return getattr(model.model, self._where[stack]).layers

@@ -77,6 +77,8 @@ class QuantConfig:
     n_calib: int = 128
     seed: int = 0
     calib_data: str = 'asterisk'
+    language: str | None = None          # the speech's language, for calibration prompts and scoring (None: English)
+    task: str | None = None              # 'transcribe' (None) or, for multilingual Whisper, 'translate'
     include: tuple[str, ...] = ()        # scope patterns over full linear names (default: every block linear)
     exclude: tuple[str, ...] = ()
     batch_size: int = 8                  # windows per encoder forward

@@ -30,9 +30,10 @@ from .models import get_adapter
 
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'WINDOW_SECONDS', 'DEFAULT_BATCH_SIZE', 'MAX_TOKENS_PER_S', 'MIN_TOKEN_BUDGET', 'english_spelling_map',
-           'english_normalizer', 'normalize', 'EmptyReferenceError', 'WerStats', 'wer_report', 'split_long_audio',
-           'torch_threads', 'token_budget', 'transcribe', 'EvalResult', 'evaluate', 'results_table', 'results_json',
-           'load_results_json', 'BootstrapResult', 'paired_bootstrap', 'worst_utterances', 'wer_excluding_worst']
+           'english_normalizer', 'normalize', 'basic_normalizer', 'is_english', 'normalizer_for', 'EmptyReferenceError',
+           'WerStats', 'wer_report', 'split_long_audio', 'torch_threads', 'token_budget', 'transcribe', 'EvalResult',
+           'evaluate', 'results_table', 'results_json', 'load_results_json', 'BootstrapResult', 'paired_bootstrap',
+           'worst_utterances', 'wer_excluding_worst']
 
 # %% ../nbs/14_scoring.ipynb #94e3d328
 def _asset_path(*parts: str) -> Path:
@@ -62,6 +63,19 @@ def normalize(text: str) -> str:
     if not isinstance(text, str):
         raise TypeError(f"normalize expects a str, got {type(text).__name__}; decode bytes or join tokens first.")
     return english_normalizer()(text)
+
+# %% ../nbs/14_scoring.ipynb #73122793
+@lru_cache(maxsize=1)
+def basic_normalizer():
+    "A cached `transformers` `BasicTextNormalizer`: Whisper's normaliser for languages other than English."
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+    return BasicTextNormalizer()
+
+def is_english(lang: str | None) -> bool: return lang is None or str(lang).lower().split('-')[0].split('_')[0] in ('en', 'english')
+
+def normalizer_for(lang: str | None) -> Callable[[str], str]:
+    "Whisper's English normaliser for English (`None`, 'en', 'en-US'), its basic one for every other language."
+    return normalize if is_english(lang) else basic_normalizer()
 
 # %% ../nbs/14_scoring.ipynb #5d433984
 class EmptyReferenceError(ValueError):
@@ -110,8 +124,9 @@ def _words(text: str) -> str:
 
 # %% ../nbs/14_scoring.ipynb #4a0d8b3d
 def wer_report(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | None = None,
-               normalizer: Callable[[str], str] | None = normalize) -> WerStats:
-    "Pooled WER of `hyps` against `refs` after `normalizer` (Whisper's by default; `None` scores raw text)."
+               normalizer: Callable[[str], str] | None = normalize, languages: Sequence[str | None] | None = None) -> WerStats:
+    """Pooled WER of `hyps` against `refs` after `normalizer` (Whisper's English one by default; `None` scores raw text).
+    With `languages` (one per utterance) the default normaliser is chosen per utterance (`normalizer_for`)."""
     refs, hyps = list(refs), list(hyps)
     if len(refs) != len(hyps):
         raise ValueError(f"wer_report got {len(refs)} references but {len(hyps)} hypotheses; pass one hypothesis per reference.")
@@ -120,7 +135,9 @@ def wer_report(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | No
     if not refs:
         raise ValueError("wer_report got no utterances; pass at least one (reference, hypothesis) pair.")
     f = normalizer or (lambda s: " ".join(s.split()))
-    nr, nh = [_words(f(r)) for r in refs], [_words(f(h)) for h in hyps]
+    fs = [normalizer_for(l) for l in languages] if languages is not None and normalizer is normalize else [f] * len(refs)
+    if len(fs) != len(refs): raise ValueError(f"wer_report got {len(fs)} languages for {len(refs)} references; pass one per utterance")
+    nr, nh = [_words(g(r)) for g, r in zip(fs, refs)], [_words(g(h)) for g, h in zip(fs, hyps)]
     for i, r in enumerate(nr):
         if not r:
             raise EmptyReferenceError(
@@ -221,16 +238,17 @@ def token_budget(n_samples: int, per_s: float | None = MAX_TOKENS_PER_S, floor: 
     return math.ceil(per_s * n_samples / SAMPLE_RATE) + floor
 
 # %% ../nbs/14_scoring.ipynb #1662e595
-def _adapter_for(model, processor):
-    "The model family's adapter (None for a model of no known family, e.g. a test double: it is driven as Whisper)."
-    return get_adapter(model, processor) if find_family(model) is not None else None
+def _adapter_for(model, processor, language=None, task=None):
+    "The model family's adapter, told the language and task (None for a model of no known family, e.g. a test double: it is driven as Whisper)."
+    return get_adapter(model, processor, language=language, task=task) if find_family(model) is not None else None
 
 # %% ../nbs/14_scoring.ipynb #bcdf9be7
 def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int = DEFAULT_BATCH_SIZE,
                progress: bool = True, long_form: str = "window", max_new_tokens: int | None = None,
                num_threads: int | None = None, max_tokens_per_s: float | None = MAX_TOKENS_PER_S,
-               **generate_kwargs) -> list[str]:
-    "Greedy-decode 16-kHz mono `audios` with a Whisper, Moonshine or Qwen3-ASR `model`; texts come back in input order."
+               language: str | None = None, task: str | None = None, **generate_kwargs) -> list[str]:
+    """Greedy-decode 16-kHz mono `audios` with a Whisper, Moonshine or Qwen3-ASR `model`; texts come back in input order.
+    `language` and `task` tell a multilingual model what to do (default: English, transcribe)."""
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if long_form not in ("window", "error"):
         raise ValueError(f"long_form must be 'window' or 'error', got {long_form!r}.")
@@ -245,7 +263,7 @@ def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int =
             pieces.append(p); owner.append(i)
     order = sorted(range(len(pieces)), key=lambda j: -len(pieces[j]))   # longest first
     gen = dict(num_beams=1, do_sample=False)
-    ad = _adapter_for(model, processor)
+    ad = _adapter_for(model, processor, language, task)
     if ad is not None: gen.update(ad.generate_kwargs())     # a multilingual Whisper's language and task; else nothing
     if max_new_tokens is not None: gen["max_new_tokens"] = max_new_tokens
     gen.update(generate_kwargs)
@@ -278,6 +296,7 @@ class EvalResult:
     hyps: list[str]
     seconds: float                 # wall time of transcription
     audio_seconds: float           # total duration of the audio
+    normalizer: str = 'english'    # which Whisper normaliser scored it: 'english', 'basic' (other languages) or both
 
     @property
     def wer(self) -> float: return self.stats.wer
@@ -288,7 +307,7 @@ class EvalResult:
 
     def as_dict(self, per_utterance: bool = True) -> dict:
         d = dict(dataset=self.dataset, **self.stats.as_dict(), seconds=self.seconds,
-                 audio_seconds=self.audio_seconds)
+                 audio_seconds=self.audio_seconds, normalizer=self.normalizer)
         if per_utterance:
             d["utterances"] = [dict(id=i, ref=r, hyp=h, errors=int(e), ref_words=int(n))
                                for i, r, h, e, n in zip(self.ids, self.refs, self.hyps,
@@ -306,7 +325,7 @@ class EvalResult:
                       utt_errors=np.array([x["errors"] for x in u], np.int64),
                       utt_ref_words=np.array([x["ref_words"] for x in u], np.int64), ids=[x["id"] for x in u])
         return cls(d["dataset"], st, st.ids, [x["ref"] for x in u], [x["hyp"] for x in u],
-                   d["seconds"], d["audio_seconds"])
+                   d["seconds"], d["audio_seconds"], d.get("normalizer", "english"))
 
 # %% ../nbs/14_scoring.ipynb #610d4872
 def _resolve_datasets(datasets, split: str, limit: int | None) -> dict[str, Iterable]:
@@ -322,8 +341,10 @@ def _resolve_datasets(datasets, split: str, limit: int | None) -> dict[str, Iter
 
 # %% ../nbs/14_scoring.ipynb #28c2ec7c
 def evaluate(model, processor, datasets, batch_size: int = DEFAULT_BATCH_SIZE, split: str = "test",
-             limit: int | None = None, progress: bool = True, **transcribe_kwargs) -> dict[str, EvalResult]:
-    "Transcribe and score every data set; `datasets` is a name, a list of names, or {name: utterances}."
+             limit: int | None = None, progress: bool = True, language: str | None = None, task: str | None = None,
+             **transcribe_kwargs) -> dict[str, EvalResult]:
+    """Transcribe and score every data set; `datasets` is a name, a list of names, or {name: utterances}.
+    Each utterance is decoded and normalised in its own `lang` (a manifest column), else in `language` (default English)."""
     results = {}
     for name, ds in _resolve_datasets(datasets, split, limit).items():
         utts = list(ds)
@@ -331,13 +352,19 @@ def evaluate(model, processor, datasets, batch_size: int = DEFAULT_BATCH_SIZE, s
         if not utts:
             raise ValueError(f"data set {name!r} has no utterances; check its name/split or build it first.")
         ids, refs = [str(u.id) for u in utts], [u.text for u in utts]
-        t0 = time.perf_counter()
-        hyps = transcribe(model, processor, [u.audio for u in utts], batch_size=batch_size,
-                          progress=progress, **transcribe_kwargs)
+        langs = [getattr(u, 'lang', None) or language for u in utts]     # each utterance in its own language
+        t0, hyps = time.perf_counter(), [None] * len(utts)
+        for lang in dict.fromkeys(langs):
+            idx = [i for i, l in enumerate(langs) if l == lang]
+            out = transcribe(model, processor, [utts[i].audio for i in idx], batch_size=batch_size, progress=progress,
+                             language=lang, task=task, **transcribe_kwargs)
+            for i, h in zip(idx, out): hyps[i] = h
         secs = time.perf_counter() - t0
-        stats = wer_report(refs, hyps, ids=ids)
+        scored = langs if task != 'translate' else [None] * len(langs)   # a translation is scored as English
+        stats = wer_report(refs, hyps, ids=ids, languages=scored)
+        norm = sorted({'english' if is_english(l) else 'basic' for l in scored})
         results[name] = EvalResult(name, stats, ids, refs, hyps, secs,
-                                   sum(len(u.audio) for u in utts) / SAMPLE_RATE)
+                                   sum(len(u.audio) for u in utts) / SAMPLE_RATE, '+'.join(norm))
     return results
 
 # %% ../nbs/14_scoring.ipynb #2dc29efd

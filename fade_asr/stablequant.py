@@ -32,12 +32,13 @@ __all__ = ['ACT_GRID', 'dev_windows', 'dev_counts', 'dev_wer', 'screen_layers', 
            'percentile_search', 'stablequant_clips', 'inject_outlier_channel', 'quantize_activations', 'quantize_model']
 
 # %% ../nbs/18_stablequant.ipynb #a6963bd6
-def dev_windows(utts: Sequence, window_s: float = 30.0) -> list:
-    "Dev utterances packed into windows of at most `window_s` s (utterance-like objects with `id`, `audio`, `text`)."
+def dev_windows(utts: Sequence, window_s: float = 30.0, language: str | None = None) -> list:
+    "Dev utterances packed into windows of at most `window_s` s (utterance-like objects with `id`, `audio`, `text`, `lang`)."
     utts = list(utts)
     if not utts: raise ValueError("the dev set is empty; StableQuant chooses on dev WER: pass dev utterances, or use the "
                                   "'dev' split of the calibration corpus (the default)")
-    return [SimpleNamespace(id=f'dev-window-{i}', audio=w.audio, text=w.text, n_utts=len(w.ids))
+    lang = {u.id: getattr(u, 'lang', None) or language for u in utts}
+    return [SimpleNamespace(id=f'dev-window-{i}', audio=w.audio, text=w.text, n_utts=len(w.ids), lang=lang[w.ids[0]])
             for i, w in enumerate(pack_utterances(utts, window_s))]
 
 # %% ../nbs/18_stablequant.ipynb #15e8479b
@@ -97,9 +98,10 @@ def percentile_search(model: nn.Module, processor, hists: dict[str, AbsHistogram
 
 # %% ../nbs/18_stablequant.ipynb #6f1272cf
 def stablequant_clips(model: nn.Module, processor, hists: dict[str, AbsHistogram], bits: int, dev: Sequence,
-                      gamma: float = 0.25, grid: Sequence[float] = ACT_GRID, progress: bool = True) -> tuple[dict, dict]:
-    "StableQuant's clips for every layer in `hists`, chosen on the `dev` utterances; returns (clips, what it did)."
-    wins = dev_windows(dev)
+                      gamma: float = 0.25, grid: Sequence[float] = ACT_GRID, progress: bool = True,
+                      language: str | None = None) -> tuple[dict, dict]:
+    "StableQuant's clips for every layer in `hists`, chosen on the `dev` utterances (in `language`); returns (clips, what it did)."
+    wins = dev_windows(dev, language=language)
     scr = screen_layers(model, processor, hists, bits, wins, gamma, progress=progress)
     if scr['flagged']:
         srch = percentile_search(model, processor, hists, bits, scr['flagged'], wins, grid, progress)
@@ -134,13 +136,13 @@ def quantize_activations(model: nn.Module, processor, calib: Sequence, cfg, weig
         info['per_channel_weights'] = quantize_weights_per_channel(model, [n for n in mods if n not in done], cfg.spec.bits)
     calib = list(calib or [])
     cal = calib[:cfg.act.n_calib]
-    hists = collect_act_stats(model, processor, cal, progress=progress)
+    hists = collect_act_stats(model, processor, cal, progress=progress, language=cfg.language)
     info['n_calib_utts'] = len(cal)
     if cfg.act.calib == 'stablequant':
         if dev is None:     # enough rows that n_dev are left once calibration utterances (weights' too) are dropped
             dev = load_dataset(cfg.calib_data, split=cfg.dev_split, limit=cfg.act.n_dev + len(calib) if cfg.act.n_dev else None)
         dev = held_out(dev, calib, "StableQuant's dev set")[:cfg.act.n_dev or None]
-        clips, sq = stablequant_clips(model, processor, hists, bits, dev, cfg.act.gamma, cfg.act.grid, progress)
+        clips, sq = stablequant_clips(model, processor, hists, bits, dev, cfg.act.gamma, cfg.act.grid, progress, cfg.language)
         info.update(sq)
     else:
         clips = calibrate_clips(hists, bits, cfg.act.calib, cfg.act.percentile)

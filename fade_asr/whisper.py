@@ -416,10 +416,15 @@ def _write_cache_entry(model, proc, out: Path, meta: dict) -> None:
 
 # %% ../nbs/10_whisper.ipynb #2c35c0e7
 def _load_whisper_hf(d: Path, dtype: torch.dtype = torch.float32):
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    "A Whisper checkpoint directory: the model, and its processor (built offline from `tokenizer.json` if it ships none)."
+    from transformers import WhisperForConditionalGeneration, WhisperFeatureExtractor, WhisperProcessor
     model = _from_pretrained(WhisperForConditionalGeneration, d, dtype)
-    proc = WhisperProcessor.from_pretrained(d, local_files_only=True)
-    return model, proc
+    if (d / 'preprocessor_config.json').is_file(): return model, WhisperProcessor.from_pretrained(d, local_files_only=True)
+    if not (d / 'tokenizer.json').is_file():
+        raise FileNotFoundError(f"{d} has neither processor files (preprocessor_config.json) nor a tokenizer.json to build "
+                                "one from; copy them from the checkpoint's source")
+    tok = _whisper_tokenizer(d, model.config.vocab_size, _special_ids(d / 'tokenizer.json'))
+    return model, WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=model.config.num_mel_bins), tokenizer=tok)
 
 # %% ../nbs/10_whisper.ipynb #95d4194e
 def load_ct2(d: Path, cache_dir=None, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -472,6 +477,9 @@ class WhisperAdapter(ModelAdapter):
         if task not in ('transcribe', 'translate'):
             raise ValueError(f"task must be 'transcribe' or 'translate', not {task!r}")
         self.language, self.task = language, task
+        if not self.multilingual and (not str(language).startswith('en') or task != 'transcribe'):
+            raise ValueError(f"this Whisper is English-only (a {model.config.vocab_size}-token vocabulary); it cannot "
+                             f"{task} {language!r}: use a multilingual checkpoint, or leave --language and --task out")
         self.max_tokens = max_tokens or model.config.max_target_positions
 
     def _base(self, model): return model.model if hasattr(model, 'model') and hasattr(model.model, 'encoder') else model

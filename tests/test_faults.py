@@ -223,3 +223,53 @@ def test_checkpoints_that_do_not_decode_to_what_was_saved_are_refused(packed, tm
     from fade_asr.packing import load_packed
     with pytest.raises(ValueError, match=msg):
         load_packed(_edit_packed(packed, tmp_path / case, tensors, qc))
+
+
+# ---------------------------------------------------------------- other languages
+def test_the_language_reaches_generate_calibration_and_scoring(monkeypatch):
+    import fade_asr.pipeline as P
+    from fade_asr.pipeline import QuantConfig, quantize
+    from fade_asr.scoring import evaluate
+    from fade_asr.data import Utterance
+    from fade_asr.testing import Utt, tiny_random_whisper_multilingual
+    m, proc = tiny_random_whisper_multilingual()
+    fr = proc.tokenizer.convert_tokens_to_ids('<|fr|>')
+    seen = []
+    real_generate = m.generate
+    def spy(*a, **k): seen.append((k.get('language'), k.get('task'))); return real_generate(*a, **k)
+    monkeypatch.setattr(m, 'generate', spy)
+    transcribe(m, proc, [np.zeros(8000, np.float32)], language='fr', progress=False)
+    assert seen[-1] == ('fr', 'transcribe')
+    # each utterance in its own language (a manifest's lang column), scored with that language's normaliser
+    rng = np.random.default_rng(0)
+    utts = [Utterance('a', Utt(0, 0.5, rng).audio, "C'est l'été!", 'x', 'fr'), Utterance('b', Utt(1, 0.5, rng).audio, 'Hello, Mr. Smith.', 'x')]
+    seen.clear()
+    r = evaluate(m, proc, {'mixed': utts}, progress=False, max_new_tokens=3)['mixed']
+    assert sorted(seen) == [('en', 'transcribe'), ('fr', 'transcribe')] and r.normalizer == 'basic+english'
+    # calibration prompts carry the language
+    adapters = []
+    real = P.get_adapter
+    monkeypatch.setattr(P, 'get_adapter', lambda *a, **k: adapters.append(real(*a, **k)) or adapters[-1])
+    quantize(m, [Utt(i, 1.0, rng) for i in range(4)], QuantConfig.make(method='rtn', bits=4, group_size=32, language='fr'),
+             processor=proc, progress=False)
+    assert fr in adapters[-1].prompt_ids()
+
+
+def test_english_only_models_refuse_another_language():
+    r = run_cli('eval', '--language', 'fr', '--limit', '1', '--data', 'asterisk')
+    assert r.returncode != 0 and 'English-only' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+
+def test_multilingual_checkpoint_without_processor_builds_one_from_tokenizer_json(tmp_path):
+    from fade_asr.models import get_adapter
+    from fade_asr.testing import tiny_random_whisper_multilingual
+    m, proc = tiny_random_whisper_multilingual()
+    d = tmp_path / 'w'; m.save_pretrained(d); proc.tokenizer.save_pretrained(d)
+    assert not (d / 'preprocessor_config.json').exists()
+    lm = load_model(d)
+    ad = get_adapter(lm.model, lm.processor, language='de')
+    assert lm.processor.tokenizer.convert_ids_to_tokens(ad.prompt_ids()) == [
+        '<|startoftranscript|>', '<|de|>', '<|transcribe|>', '<|notimestamps|>']
+    (d / 'tokenizer.json').unlink()
+    r = run_cli('eval', '--model', str(d), '--limit', '1', '--data', 'asterisk')
+    assert r.returncode != 0 and 'tokenizer.json' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
