@@ -273,3 +273,14 @@ def test_multilingual_checkpoint_without_processor_builds_one_from_tokenizer_jso
     (d / 'tokenizer.json').unlink()
     r = run_cli('eval', '--model', str(d), '--limit', '1', '--data', 'asterisk')
     assert r.returncode != 0 and 'tokenizer.json' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+
+def test_transformers_never_loads_a_packed_checkpoint_silently_wrong(packed):
+    "config.json says the linears are GPTQ-packed: transformers needs its GPTQ backend, and says so, instead of random weights."
+    from transformers import WhisperForConditionalGeneration
+    qc = json.loads((packed / 'config.json').read_text())['quantization_config']
+    assert (qc['quant_method'], qc['bits'], qc['group_size'], qc['checkpoint_format']) == ('gptq', 4, 32, 'gptq')
+    try: import optimum  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match='optimum'):
+            WhisperForConditionalGeneration.from_pretrained(packed)
