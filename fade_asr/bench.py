@@ -10,7 +10,7 @@ __all__ = ['BENCH_TEST_FRACTION', 'RUN_KEY', 'ACT_PAIRS', 'BENCH_SHAPES', 'BENCH
            'load_runs', 'summary_rows', 'summary_table', 'sign_flip_p', 'paired_compare', 'paired_table',
            'plot_wer_vs_bits', 'plot_alpha_per_layer', 'plot_error_through_depth', 'write_report', 'act_methods',
            'plot_act_wer', 'plot_sensitivity', 'write_act_report', 'bench_kernels', 'decoder_latency', 'bench_markdown',
-           'write_bench_kernels']
+           'write_bench_kernels', 'long_audio_memory']
 
 # %% ../nbs/20_benchmark.ipynb #81854782
 import copy, hashlib, itertools, json, math, os, platform, resource, time
@@ -547,3 +547,45 @@ def write_bench_kernels(out_dir='bench_kernels', e2e_model=None, **kw) -> Path:
     atomic_write_text(out / 'results.json', json.dumps(res, indent=1))
     atomic_write_text(out / 'results.md', bench_markdown(res))
     return out
+
+# %% ../nbs/20_benchmark.ipynb #a7b35fbf
+_LONG_AUDIO_PROBE = """
+import sys, numpy as np
+from fade_asr.data import load_audio
+from fade_asr.scoring import transcribe
+from fade_asr.testing import FrameCountModel, tiny_tokenizer
+from fade_asr.whisper import whisper_default_processor
+from fade_asr.testing import tiny_random_whisper
+proc = whisper_default_processor(tiny_random_whisper())
+m = FrameCountModel(tiny_tokenizer(['<|endoftext|>'], eos_token='<|endoftext|>'))
+def hwm():   # peak RSS of this process (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024
+base = hwm()
+a = load_audio(sys.argv[1])
+after_load = hwm()
+transcribe(m, proc, [a], progress=False)
+print(base, after_load, hwm(), a.nbytes / 2**20)
+"""
+
+def long_audio_memory(minutes: Sequence[float] = (1, 10, 30, 60), out_dir='bench/long_audio') -> list[dict]:
+    "Peak RSS (Linux VmHWM) of loading and transcribing WAVs of each length (fresh process each); writes results.json and results.md."
+    import subprocess, sys, tempfile, wave
+    rows = []
+    with tempfile.TemporaryDirectory() as td:
+        for mins in tqdm(minutes, desc='long audio', disable=quiet()):
+            f, rng = Path(td) / f'{mins}min.wav', np.random.default_rng(0)
+            with wave.open(str(f), 'wb') as w:               # written a minute at a time: this process stays small
+                w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000)
+                for k in range(0, int(mins * 60 * 16000), 960000):
+                    w.writeframes((1600 * rng.standard_normal(min(960000, int(mins * 60 * 16000) - k))).astype('<i2').tobytes())
+            out = subprocess.run([sys.executable, '-c', _LONG_AUDIO_PROBE, str(f)], capture_output=True, text=True, check=True)
+            base, load, peak, audio = map(float, out.stdout.split())
+            rows.append(dict(minutes=mins, audio_mb=audio, baseline_mb=base, after_load_mb=load, peak_mb=peak,
+                             extra_per_audio=(peak - base) / audio))
+            f.unlink()
+    out = Path(out_dir)
+    atomic_write_text(out / 'results.json', json.dumps(dict(rows=rows, machine=platform.processor() or platform.machine()), indent=1) + '\n')
+    md = ['| minutes | audio (MB, float32) | peak RSS (MB) | above start-up (MB) | above start-up / audio |', '|---|---|---|---|---|']
+    md += [f"| {r['minutes']:g} | {r['audio_mb']:.0f} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} | {r['extra_per_audio']:.2f} |" for r in rows]
+    atomic_write_text(out / 'results.md', '\n'.join(md) + '\n')
+    return rows

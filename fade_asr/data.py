@@ -118,6 +118,20 @@ def _wav_declared_seconds(path: Path) -> float | None:
                 return size / align / rate
             else: f.seek(size + (size & 1), 1)
 
+# %% ../nbs/08_data.ipynb #babef180
+class _MonoBuffer:
+    "Decoded frames averaged to mono into one growing float32 buffer: about 1× the audio's size in memory, however long."
+    def __init__(self, expect: int): self.buf, self.n, self.bad = np.empty(max(expect, 1), np.float32), 0, 0
+    def add(self, frame: np.ndarray):
+        m = frame.mean(axis=0, dtype=np.float32) if frame.shape[0] > 1 else frame[0].astype(np.float32, copy=False)
+        if self.n + len(m) > len(self.buf):                       # the container's duration was short: grow by half
+            new = np.empty(max(self.n + len(m), int(len(self.buf) * 1.5)), np.float32); new[:self.n] = self.buf[:self.n]; self.buf = new
+        self.buf[self.n:self.n + len(m)] = m; self.n += len(m)
+        self.bad += int(len(m) - np.isfinite(m).sum())
+    def array(self) -> np.ndarray:
+        "The samples; copied only if over a tenth of the buffer is slack."
+        return self.buf[:self.n] if self.n >= 0.9 * len(self.buf) else self.buf[:self.n].copy()
+
 # %% ../nbs/08_data.ipynb #5c1d7666
 def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     "Decode any audio file PyAV reads to mono float32 at `sr` Hz (G.722 recognised by its `.g722` suffix)."
@@ -132,24 +146,26 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
             s = c.streams.audio[0]
             declared, fmt_name = _decoded_seconds(c, s), c.format.name
             if fmt_name == 'wav': declared = _wav_declared_seconds(path) or declared
-            rs = av.AudioResampler(format='fltp', rate=sr)  # keep the channels; we average below
-            chunks = [f.to_ndarray() for fr in c.decode(s) for f in rs.resample(fr)]
-            chunks += [f.to_ndarray() for f in rs.resample(None)]
+            rs = av.AudioResampler(format='fltp', rate=sr)  # keep the channels; each frame is averaged as it comes
+            buf = _MonoBuffer(int((declared or 0) * sr) + sr)
+            for fr in c.decode(s):
+                for f in rs.resample(fr): buf.add(f.to_ndarray())
+            for f in rs.resample(None): buf.add(f.to_ndarray())
     except AudioError: raise
     except (av.FFmpegError, UnicodeDecodeError, EOFError) as e:
         raise AudioError(f"Cannot decode {path} ({type(e).__name__}: {e}): the file is corrupt, truncated "
                          f"or not audio; {_FIX}.") from e
-    if not chunks or sum(ch.shape[-1] for ch in chunks) == 0:
+    if buf.n == 0:
         raise AudioError(f"{path} decodes to zero audio samples (empty or truncated); {_FIX}.")
-    x = np.concatenate(chunks, axis=-1).astype(np.float32).mean(axis=0)
-    if not np.isfinite(x).all():
-        raise AudioError(f"{path} holds {int((~np.isfinite(x)).sum())} non-finite samples (NaN or inf): the file is damaged; "
+    if buf.bad:
+        raise AudioError(f"{path} holds {buf.bad} non-finite samples (NaN or inf): the file is damaged; "
                          f"re-export it from its source, or drop it from the data set.")
+    x = buf.array()
     got = len(x) / sr
     if declared and fmt_name.split(',')[0] in _EXACT_LENGTH_FORMATS and got < 0.98 * declared - 0.02:
         raise AudioError(f"{path} is truncated: its header declares {declared:.2f}s but only {got:.2f}s "
                          f"could be decoded; {_FIX}.")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return x
 
 # %% ../nbs/08_data.ipynb #0da94fbf
 def save_audio(path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE, codec: str | None = None):
