@@ -20,8 +20,8 @@ from .scoring import transcribe
 from .recipes import ACT_CALIBRATIONS
 
 # %% auto #0
-__all__ = ['fake_quant_act', 'AbsHistogram', 'act_layers', 'ActQuantHook', 'detach_act_quant', 'attach_act_quant',
-           'restore_act_quant', 'act_quant', 'collect_act_stats', 'calibrate_clips', 'crest_factor',
+__all__ = ['PART_COLOURS', 'fake_quant_act', 'AbsHistogram', 'act_layers', 'ActQuantHook', 'detach_act_quant', 'attach_act_quant',
+           'restore_act_quant', 'act_quant', 'collect_act_stats', 'calibrate_clips', 'crest_factor', 'layer_part',
            'plot_act_histograms', 'plot_crest_factors', 'quantize_weights_per_channel']
 
 # %% ../nbs/17_activation_quant.ipynb #8fa2cd8f
@@ -230,18 +230,27 @@ def crest_factor(h: AbsHistogram) -> float:
     v, n = h._dense()
     return h.amax / max(math.sqrt(float((n * v * v).sum() / n.sum())), 1e-30)
 
+# %% ../nbs/17_activation_quant.ipynb #ed6545ad
+def layer_part(name: str) -> str:
+    "'front end' (outside every block: convolutions, projector), 'encoder' or 'decoder', from a layer's full name in any family."
+    if '.layers.' not in name: return 'front end'
+    return 'decoder' if any(k in name for k in ('decoder.', 'language_model.')) else 'encoder'
+
+PART_COLOURS = {'front end': 'tab:red', 'encoder': 'tab:blue', 'decoder': 'tab:orange'}
+
 # %% ../nbs/17_activation_quant.ipynb #82f68cf3
 def plot_act_histograms(hists: dict[str, AbsHistogram], show: Sequence[str] | None = None, ax=None):
-    "Distributions of $|x|$ (log-x density) of some layers' inputs, front-end convolutions solid, transformer layers dashed."
+    "Distributions of $|x|$ (log-x density) of some layers' inputs (default: the front end, solid, and the first, middle and last block layer, dashed)."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(7, 3.6))[1]
-    show = show or [n for n in hists if 'conv' in n] + [n for n in hists if n.endswith(('layers.0.fc1', 'layers.0.fc2', 'layers.3.fc2'))]
+    blocks = [n for n in hists if layer_part(n) != 'front end']
+    show = show or [n for n in hists if layer_part(n) == 'front end'] + list(dict.fromkeys(blocks[k] for k in (0, len(blocks) // 2, -1) if blocks))
     for n in show:
         h = hists[n]; v, c = h._dense()
         ok = v > 0
         lv, edges = np.log10(v[ok]), np.linspace(-6, 3.5, 96)
         dens, _ = np.histogram(lv, bins=edges, weights=c[ok] / c.sum())
-        ax.plot(10 ** (0.5 * (edges[1:] + edges[:-1])), dens, ls='-' if 'conv' in n else '--', label=n.replace('model.', ''))
+        ax.plot(10 ** (0.5 * (edges[1:] + edges[:-1])), dens, ls='-' if layer_part(n) == 'front end' else '--', label=n.replace('model.', ''))
     ax.set(xscale='log', xlabel='|x| (input of the layer)', ylabel='share of values', title='activation magnitudes')
     ax.legend(fontsize=7); ax.grid(alpha=.3)
     return ax
@@ -252,7 +261,7 @@ def plot_crest_factors(hists: dict[str, AbsHistogram], ax=None):
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(10, 3.4))[1]
     names = list(hists)
-    col = ['tab:red' if 'conv' in n else 'tab:blue' if 'encoder' in n else 'tab:orange' for n in names]
+    col = [PART_COLOURS[layer_part(n)] for n in names]
     ax.bar(range(len(names)), [crest_factor(hists[n]) for n in names], color=col)
     ax.set_xticks(range(len(names)), [n.replace('model.', '').replace('layers.', '').replace('_attn', '') for n in names], rotation=90, fontsize=5)
     ax.set(yscale='log', ylabel='max |x| / RMS', title='crest factor of each layer input (red: front end, blue: encoder, orange: decoder)')

@@ -27,13 +27,13 @@ from .quantizer import QuantSpec, rtn
 from .gptq import gptq
 from .pack_format import pack_layer
 from .kernels import cupy_available, gptq_gpu, quant_matmul
-from .models import load_model
+from .models import get_adapter, load_model
 from .data import calibration_subset, load_dataset, shipped_datasets
-from .models import get_adapter
 from .scoring import DEFAULT_BATCH_SIZE, evaluate, paired_bootstrap
 from .recipes import load_recipe
 from .stablequant import quantize_model
 from .packing import QuantLinear, pack_model
+from .actquant import PART_COLOURS, layer_part
 
 # %% ../nbs/20_benchmark.ipynb #b875170c
 @dataclass(frozen=True)
@@ -379,7 +379,7 @@ def plot_sensitivity(runs, bits: int, ax=None, gamma: float = 0.25):
     deltas = [r['report']['act']['screening']['deltas'] for r in rs]
     names = list(deltas[0]); d = np.array([[x[n] for n in names] for x in deltas])
     ax = ax or plt.subplots(figsize=(11, 3.6))[1]
-    col = ['tab:red' if 'conv' in n else 'tab:blue' if 'encoder' in n else 'tab:orange' for n in names]
+    col = [PART_COLOURS[layer_part(n)] for n in names]
     ax.bar(range(len(names)), d.mean(0), yerr=d.std(0) if len(d) > 1 else None, color=col, capsize=1.5)
     ax.axhline(gamma, color='k', ls='--', lw=.8)
     ax.set_xticks(range(len(names)), [n.replace('model.', '').replace('layers.', '').replace('_attn', '') for n in names], rotation=90, fontsize=5)
