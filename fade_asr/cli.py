@@ -266,6 +266,10 @@ def main(argv=None):
     except (ValueError, OSError, KeyError) as e:     # the package's errors name the problem and the fix
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f'fade-asr {a.cmd}: error: {msg}')
+    except Exception as e:                           # safetensors' own error (a full disk, a damaged file) is no OSError
+        if type(e).__name__ != 'SafetensorError': raise
+        sys.exit(f'fade-asr {a.cmd}: error: a safetensors file could not be read or written ({e}); is the disk full, or the '
+                 'file damaged? Free space, or re-create the file')
     except KeyboardInterrupt:                        # Ctrl-C: one line, no traceback; outputs are atomic, so nothing is half written
         print(f'fade-asr {a.cmd}: interrupted; nothing was saved half-way', file=sys.stderr)
         sys.exit(130)

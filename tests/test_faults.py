@@ -284,3 +284,12 @@ def test_transformers_never_loads_a_packed_checkpoint_silently_wrong(packed):
     except ImportError:
         with pytest.raises(ImportError, match='optimum'):
             WhisperForConditionalGeneration.from_pretrained(packed)
+
+
+def test_a_safetensors_failure_anywhere_is_one_line(monkeypatch, capsys):
+    import fade_asr.cli as C
+    from safetensors import SafetensorError
+    def boom(a): raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull })')
+    monkeypatch.setattr(C, 'cmd_recipes', boom)
+    with pytest.raises(SystemExit, match='fade-asr recipes: error: a safetensors file could not be read or written.*disk full'):
+        C.main(['recipes'])
