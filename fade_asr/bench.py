@@ -553,9 +553,8 @@ _LONG_AUDIO_PROBE = """
 import sys, numpy as np
 from fade_asr.data import load_audio
 from fade_asr.scoring import transcribe
-from fade_asr.testing import FrameCountModel, tiny_tokenizer
+from fade_asr.testing import FrameCountModel, tiny_random_whisper, tiny_tokenizer
 from fade_asr.whisper import whisper_default_processor
-from fade_asr.testing import tiny_random_whisper
 proc = whisper_default_processor(tiny_random_whisper())
 m = FrameCountModel(tiny_tokenizer(['<|endoftext|>'], eos_token='<|endoftext|>'))
 def hwm():   # peak RSS of this process (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)

@@ -277,8 +277,8 @@ def load_act_quant(model: nn.Module, path) -> nn.Module:
     except ValueError as e: raise ValueError(f"{path} is damaged ({e}): re-run `fade-asr quantize`") from None
 
 # %% ../nbs/19_packing.ipynb #d6621efc
-def read_quantize_config(path: Path) -> tuple[int, int, str, list[str]]:
-    "(bits, group_size, format, module names) of a `quantize_config.json`, with a clear error for anything malformed."
+def read_quantize_config(path: Path) -> tuple[int, int, str, dict]:
+    "(bits, group_size, format, our `fade_asr` part with its `modules`) of a `quantize_config.json`, with a clear error for anything malformed."
     try: qc = json.loads(Path(path).read_text(encoding='utf-8'))
     except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{path} is not valid JSON ({e}); re-run `fade-asr quantize`") from None
     if not isinstance(qc, dict): raise ValueError(f"{path} must hold a JSON object, not a {type(qc).__name__}; re-run `fade-asr quantize`")
@@ -291,7 +291,7 @@ def read_quantize_config(path: Path) -> tuple[int, int, str, list[str]]:
     if type(gs) is not int or not (gs == -1 or gs > 0):
         raise ValueError(f"{path}: group_size is {gs!r}; it must be a positive integer or -1 (one group per row)")
     if fmt not in ('v1', 'v2'): raise ValueError(f"{path}: fade_asr.format is {fmt!r}; it must be 'v1' or 'v2'")
-    return bits, gs, fmt, ours['modules']
+    return bits, gs, fmt, ours
 
 # %% ../nbs/19_packing.ipynb #680072ba
 def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32):
@@ -299,7 +299,7 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
     from transformers import AutoConfig, AutoProcessor
     d = Path(path)
     if not is_packed_dir(d): raise FileNotFoundError(f"{d} is not a packed checkpoint (no {QUANTIZE_CONFIG}); write one with `fade-asr quantize`")
-    bits, gs, fmt, modules = read_quantize_config(d / QUANTIZE_CONFIG)
+    bits, gs, fmt, ours = read_quantize_config(d / QUANTIZE_CONFIG)
     sd = read_packed_tensors(d / WEIGHTS)
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad: raise ValueError(f"{d / WEIGHTS}: tensor {bad[0]} holds NaN/inf ({len(bad)} such tensor(s)); the checkpoint is damaged: re-run `fade-asr quantize`")
@@ -308,7 +308,7 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
     build = cls.from_config if cls.__name__.startswith('Auto') else cls._from_config
     with torch.device('meta'):
         model = build(config, dtype=dtype)
-    for name in modules:
+    for name in ours['modules']:
         parent, leaf = _get_parent(model, name)
         lin = getattr(parent, leaf, None)
         if not isinstance(lin, nn.Linear): raise ValueError(f"{d / QUANTIZE_CONFIG} lists {name!r}, which is not a linear of this model")
@@ -332,7 +332,6 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == 'meta']
     if missing: raise ValueError(f"{d / WEIGHTS} lacks {len(missing)} tensor(s) the model needs (first: {missing[0]}); "
                                  f"the file is incomplete or from another model: re-run `fade-asr quantize`")
-    ours = json.loads((d / QUANTIZE_CONFIG).read_text(encoding='utf-8'))['fade_asr']
     if 'checks' in ours: verify_layer_checks(model, ours['checks'], d / QUANTIZE_CONFIG)
     if 'weights_sha256' in ours and file_sha256(d / WEIGHTS) != ours['weights_sha256']:   # anything the checks above missed
         raise ValueError(f"{d / WEIGHTS} is not the file that was saved (its SHA-256 differs from {QUANTIZE_CONFIG}'s); "

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'check_output_dir', 'clean_stale', 'publish_dir', 'atomic_dir', 'file_sha256',
-           'quiet']
+__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'check_output_dir', 'clean_stale', 'fsync_path', 'publish_dir', 'atomic_dir',
+           'file_sha256', 'quiet']
 
 # %% ../nbs/00_util.ipynb #f0ffac16
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -96,16 +96,20 @@ def clean_stale(out: Path) -> list[Path]:
     return gone
 
 # %% ../nbs/00_util.ipynb #c117639d
-def _fsync(p: Path):
-    fd = os.open(p, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
+def fsync_path(path: Path):
+    "fsync a file or directory (directories: best effort, not all platforms allow it)."
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    except OSError:
+        if Path(path).is_file(): raise
 
 def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     "fsync every file and folder of `tmp`, then move it into place as `out` (an earlier `out` is replaced as a whole)."
     tmp, out = Path(tmp), Path(out)
-    for p in sorted(tmp.rglob('*'), reverse=True): _fsync(p)
-    os.chmod(tmp, 0o755); _fsync(tmp)                       # mkdtemp makes 0700; a server may run as another user
+    for p in sorted(tmp.rglob('*'), reverse=True): fsync_path(p)
+    os.chmod(tmp, 0o755); fsync_path(tmp)                       # mkdtemp makes 0700; a server may run as another user
     last = None
     for _ in range(100):
         try: os.replace(tmp, out); break
@@ -115,7 +119,7 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
             except FileNotFoundError: continue              # a racing writer moved it first: try again
             shutil.rmtree(old, ignore_errors=True)
     else: raise OSError(f"could not move {tmp} into place as {out} ({last})") from last
-    _fsync(out.parent)
+    fsync_path(out.parent)
     return out
 
 # %% ../nbs/00_util.ipynb #f12e5674

@@ -7,7 +7,7 @@ Docs: https://fade-asr.github.io/fade_asr/whisper.html.md"""
 # %% ../nbs/10_whisper.ipynb #b99bcdb1
 from __future__ import annotations
 
-import hashlib, json, os, re, shutil, struct, tempfile, uuid, warnings
+import json, os, re, shutil, struct, tempfile, uuid, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .util import file_sha256
+from .util import file_sha256, fsync_path
 from .families import (causal_mask, ModelAdapter, ModelFamily, LoadedModel, attn_roles, generate_batch,
                                 register_family, _from_pretrained)
 
@@ -368,16 +368,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     import platformdirs
     return Path(platformdirs.user_cache_dir('fade_asr'))
 
-# %% ../nbs/10_whisper.ipynb #f40331af
-def _fsync(path: Path):
-    "fsync a file or directory (directories: best effort, not all platforms allow it)."
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError:
-        if path.is_file(): raise
-
 # %% ../nbs/10_whisper.ipynb #e0842c55
 def cache_entry_valid(d: Path) -> bool:
     "True if `d` is a complete, untouched cache entry: marker present, our converter version, every listed file at its size and SHA-256."
@@ -400,17 +390,17 @@ def _write_cache_entry(model, proc, out: Path, meta: dict) -> None:
         model.save_pretrained(tmp)
         proc.save_pretrained(tmp)
         files = {p.name: {'size': p.stat().st_size, 'sha256': file_sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
-        for n in files: _fsync(tmp / n)
+        for n in files: fsync_path(tmp / n)
         marker = tmp / CACHE_MARKER
         marker.write_text(json.dumps({**meta, 'converter_version': CONVERTER_VERSION, 'files': files}, indent=1))
-        _fsync(marker); _fsync(tmp)
+        fsync_path(marker); fsync_path(tmp)
         if out.exists() or out.is_symlink():  # an invalid entry: move it aside (a rename, so readers never see it half-deleted)
             try: os.replace(out, trash)
             except FileNotFoundError: pass
         try: os.replace(tmp, out)
         except OSError:  # another process renamed its finished entry into place first
             if not cache_entry_valid(out): raise
-        _fsync(out.parent)
+        fsync_path(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(trash, ignore_errors=True)
 
