@@ -125,14 +125,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec = QuantSpec(), blocks
                 scales[:, k], zeros[:, k] = find_params(cols, spec)
             s, z = scales[:, k], zeros[:, k]
             w = W1[i]
-            q = fake_quant(w, s, z, maxq)
+            q = fake_quant(w, s, z, maxq, spec.free_zero)
             e = (w - q) / U1[i, i]
             W1[i:].addr_(U1[i, i:], e, alpha=-1)                             # W[:, j:] -= e U[j, j:]
             E1[i], Q1[i] = e, q
         Q[:, i1:i2] = Q1.T
         W[:, i2:] -= E1.T @ U[i1:i2, i2:]
     gi = torch.tensor(pos_group, device=W.device)
-    codes = quantize_codes(Q, scales[:, gi], zeros[:, gi], maxq)              # exact: Q is on the grid
+    codes = quantize_codes(Q, scales[:, gi], zeros[:, gi], maxq, spec.free_zero)  # exact: Q is on the grid
     return _finish(Q, codes, scales, zeros, perm, static, G, spec, W0, H0)
 
 # %% ../nbs/03_gptq.ipynb #a446d450
@@ -149,7 +149,7 @@ def gptq_columnwise(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec = QuantSpe
     for j in range(n):
         k = int(orig[j]) // G if static is not None else j // G
         if static is None and j % G == 0: scales[:, k], zeros[:, k] = find_params(W[:, j:j + G], spec)
-        codes[:, j] = quantize_codes(W[:, j], scales[:, k], zeros[:, k], spec.maxq)
+        codes[:, j] = quantize_codes(W[:, j], scales[:, k], zeros[:, k], spec.maxq, spec.free_zero)
         Q[:, j] = dequantize(codes[:, j], scales[:, k], zeros[:, k])
         W[:, j:] -= ((W[:, j] - Q[:, j]) / U[j, j])[:, None] * U[j, j:][None, :]
     return _finish(Q, codes, scales, zeros, perm, static, G, spec, W0, H0)

@@ -227,7 +227,7 @@ def gptq_gpu(W: torch.Tensor, H: torch.Tensor, spec=None, blocksize: int = 128, 
     "GPTQ with the fused block kernel (CUDA tensors, CuPy); same contract as `gptq.gptq`, to which it falls back when the kernel does not apply."
     spec = spec or QuantSpec()
     n = W.shape[1]; G = spec.group(n)
-    ok = (W.is_cuda and cupy_available() and not spec.mse and not static_groups and blocksize <= 128
+    ok = (W.is_cuda and cupy_available() and not spec.mse and not spec.free_zero and not static_groups and blocksize <= 128
           and blocksize % G == 0 and n % blocksize == 0)
     if not ok: return gptq(W, H, spec, blocksize, percdamp, act_order, static_groups, name=name)
     cp = _cupy()

@@ -23,6 +23,9 @@ class QuantSpec:
     group_size: int = 128
     sym: bool = False
     mse: bool = False
+    free_zero: bool = False
+
+    # free_zero: ggml's Q4_1/Q5_1 grid, a real-valued zero and the group's own [min, max] (0 need not lie in it)
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -30,6 +33,9 @@ class QuantSpec:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
             raise ValueError(f"group_size={self.group_size!r} is not valid; use a positive number of input columns "
                              f"such as 32, 64 or 128, or -1 for a whole row.")
+        if self.free_zero and (self.sym or self.mse):
+            raise ValueError("free_zero (ggml's Q4_1/Q5_1 grid: a real zero, the group's own min-max range) takes neither "
+                             "sym (use Q8_0's symmetric grid: sym=True, free_zero=False) nor mse; drop one of them")
 
     @property
     def maxq(self) -> int:
@@ -55,9 +61,13 @@ class QuantSpec:
         return self
 
 # %% ../nbs/02_quantizer.ipynb #67a46187
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    "Integer codes `clamp(round(w/scale) + zero, 0, maxq)` (round half to even) as int32. `scale`, `zero` broadcast against `w`."
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq).to(torch.int32)
+def _round(w, scale, zero, free: bool):
+    "The unclamped code of `w`: `round(w/scale) + zero` on an integer-zero grid, `round(w/scale + zero)` on a free one."
+    return torch.round(w / scale + zero) if free else torch.round(w / scale) + zero
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, free: bool = False) -> torch.Tensor:
+    "Integer codes `clamp(round(w/scale) + zero, 0, maxq)` (round half to even) as int32. `scale`, `zero` broadcast against `w`; `free`: a real-valued zero."
+    return torch.clamp(_round(w, scale, zero, free), 0, maxq).to(torch.int32)
 
 # %% ../nbs/02_quantizer.ipynb #fffbb3c7
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -65,9 +75,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return scale * (q.to(scale.dtype) - zero)
 
 # %% ../nbs/02_quantizer.ipynb #1b2924b4
-def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, free: bool = False) -> torch.Tensor:
     "Quantize then dequantize: the nearest grid point of each weight (as a float tensor)."
-    return scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
+    return scale * (torch.clamp(_round(w, scale, zero, free), 0, maxq) - zero)
 
 # %% ../nbs/02_quantizer.ipynb #3e58c567
 def _range_params(xmin, xmax, spec: QuantSpec):
@@ -82,6 +92,7 @@ def _range_params(xmin, xmax, spec: QuantSpec):
 def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     "Per-group `(scale, zero)` of `w`, reducing over its last dimension (so `[m, g] -> [m]`)."
     w = w if w.is_floating_point() else w.float()
+    if spec.free_zero: return _free_params(w, spec)
     zeros_ = torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device)
     xmin = torch.minimum(w.amin(-1), zeros_)
     xmax = torch.maximum(w.amax(-1), zeros_)
@@ -101,6 +112,15 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
             best = torch.where(better, err, best)
             scale = torch.where(better, s1, scale); zero = torch.where(better, z1, zero)
     return scale, zero
+
+# %% ../nbs/02_quantizer.ipynb #9a498d9a
+def _free_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    "Scale and real zero of ggml's Q4_1/Q5_1 grid: [min, max] of each group, d and m rounded to fp16 as stored."
+    xmin, xmax = w.amin(-1), w.amax(-1)
+    scale = ((xmax - xmin) / spec.maxq).half().to(w.dtype)
+    m = xmin.half().to(w.dtype)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)   # a constant group: every code 0, value m
+    return scale, -m / scale
 
 # %% ../nbs/02_quantizer.ipynb #73293198
 @dataclass
@@ -142,7 +162,7 @@ def rtn(W: torch.Tensor, spec: QuantSpec = QuantSpec()) -> QuantResult:
     G, ng = spec.group(n), spec.n_groups(n)
     Wg = W.reshape(m, ng, G)
     scale, zero = find_params(Wg, spec)
-    codes = quantize_codes(Wg, scale[..., None], zero[..., None], spec.maxq)
+    codes = quantize_codes(Wg, scale[..., None], zero[..., None], spec.maxq, spec.free_zero)
     weight = dequantize(codes, scale[..., None], zero[..., None]).reshape(m, n)
     g_idx = torch.arange(n, device=W.device, dtype=torch.int32) // G
     return QuantResult(weight, codes.reshape(m, n), scale, zero, g_idx, spec, None)
