@@ -207,18 +207,20 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 # %% ../nbs/22_cli.ipynb #de4e0d8f
-BENCH_SUITES = {'weights': dict(out='bench', bits=[3, 4], seeds=5), 'activations': dict(out='bench/act', bits=[8, 6, 4], seeds=3)}
+BENCH_SUITES = {'weights': dict(out='bench', bits=[3, 4], seeds=5, rows='default_methods', report='write_report'),
+                'activations': dict(out='bench/act', bits=[8, 6, 4], seeds=3, rows='act_methods', report='write_act_report'),
+                'ggml': dict(out='bench/ggml', bits=[4, 5, 8], seeds=3, rows='ggml_methods', report='write_ggml_report')}
 
 def cmd_bench(a):
     "Run (or resume) the benchmark grid of a suite, then rebuild its tables and plots."
-    from fade_asr.bench import run_bench, write_report, default_methods, act_methods, write_act_report
+    import fade_asr.bench as B
     d = BENCH_SUITES[a.suite]
     out, bits, seeds = a.out or d['out'], a.bits or d['bits'], a.seeds or d['seeds']
-    suite, report = (default_methods, write_report) if a.suite == 'weights' else (act_methods, write_act_report)
+    suite, report = getattr(B, d['rows']), getattr(B, d['report'])
     if not a.report_only:
-        run_bench(out, bits=bits, seeds=range(seeds), methods=a.methods, data=a.data, limit=a.limit,
-                  batch_size=a.batch_size, model=a.model, shard=_shard(a.shard), suite=suite, language=a.language, task=a.task,
-                  **({} if a.fraction is None else dict(fraction=a.fraction)))
+        B.run_bench(out, bits=bits, seeds=range(seeds), methods=a.methods, data=a.data, limit=a.limit,
+                    batch_size=a.batch_size, model=a.model, shard=_shard(a.shard), suite=suite, language=a.language, task=a.task,
+                    **({} if a.fraction is None else dict(fraction=a.fraction)))
     print(report(out, limit=a.limit))
 
 # %% ../nbs/22_cli.ipynb #920cdec6
@@ -307,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_bench_kernels)
     s = sub.add_parser('bench', help='benchmark every method over calibration seeds (resumable)')
     s.add_argument('--model', default=None); s.add_argument('--data', nargs='*', default=None)
-    s.add_argument('--suite', choices=tuple(BENCH_SUITES), default='weights', help='weights: RTN/GPTQ/QEP/FADE at W3/W4 (bench/); activations: W8A8/W6A6/W4A4 calibrations and StableQuant (bench/act/)')
-    s.add_argument('--bits', type=int, nargs='+', default=None, help='weight widths (default: 3 4 for weights, 8 6 4 for activations)')
+    s.add_argument('--suite', choices=tuple(BENCH_SUITES), default='weights', help="weights: RTN/GPTQ/QEP/FADE at W3/W4 (bench/); activations: W8A8/W6A6/W4A4 calibrations and StableQuant (bench/act/); ggml: every method against whisper.cpp's own quantization, run in whisper.cpp (bench/ggml/)")
+    s.add_argument('--bits', type=int, nargs='+', default=None, help='weight widths (default: 3 4 for weights, 8 6 4 for activations, 4 5 8 for ggml: Q4_1, Q5_1, Q8_0)')
     s.add_argument('--seeds', type=int, default=None, help='calibration seeds (default: 5 for weights, 3 for activations)')
     s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
     s.add_argument('--fraction', type=float, default=None, help="share of each test set scored, fixed by id hash (default: bench.BENCH_TEST_FRACTION, 0.5)")
