@@ -190,7 +190,7 @@ def _cp(t: torch.Tensor):
     return _cupy().from_dlpack(t.contiguous())
 
 # %% ../nbs/07_kernels.ipynb #579a8d2f
-def reference_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, fmt: str = 'v1') -> torch.Tensor:
+def reference_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, fmt: str = 'v2') -> torch.Tensor:
     "Torch reference of the kernels: `x [T, n] @ Ŵᵀ` in fp32, with Ŵ unpacked from the GPTQ tensors."
     q = unpack_bits(qweight, bits).float()                              # [n, m]
     z = unpack_bits(qzeros.T.contiguous(), bits).T
@@ -200,7 +200,7 @@ def reference_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int,
     return x.float() @ W
 
 # %% ../nbs/07_kernels.ipynb #e9571db5
-def quant_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, fmt: str = 'v1') -> torch.Tensor:
+def quant_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, fmt: str = 'v2') -> torch.Tensor:
     "`x [T, n] @ Ŵᵀ` on the GPU with the CuPy kernels (fp16 activations and scales, fp32 accumulation); returns fp32 [T, m]."
     if bits not in PACK_BITS: raise ValueError(f"bits={bits} has no kernel; use one of {PACK_BITS}")
     cp = _cupy()

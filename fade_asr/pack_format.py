@@ -124,11 +124,11 @@ class PackedLayer:
 
 # %% ../nbs/06_pack_format.ipynb #712fce0d
 def _check_format(fmt: str) -> str:
-    if fmt not in ('v1', 'v2'): raise ValueError(f"checkpoint format {fmt!r} is unknown; use 'v1' (stores zero-1, AutoGPTQ) or 'v2' (GPTQModel)")
+    if fmt not in ('v1', 'v2'): raise ValueError(f"checkpoint format {fmt!r} is unknown; use 'v2' (stores the zero, GPTQModel; the default) or 'v1' (stores zero-1, AutoGPTQ)")
     return fmt
 
 # %% ../nbs/06_pack_format.ipynb #73463a76
-def pack_layer(res: QuantResult, bias: torch.Tensor | None = None, fmt: str = 'v1',
+def pack_layer(res: QuantResult, bias: torch.Tensor | None = None, fmt: str = 'v2',
                scale_dtype: torch.dtype = torch.float16) -> PackedLayer:
     "Pack a `QuantResult` ([m, n] codes, [m, n/G] scales/zeros, [n] g_idx) into the GPTQ layout."
     _check_format(fmt)
@@ -137,7 +137,12 @@ def pack_layer(res: QuantResult, bias: torch.Tensor | None = None, fmt: str = 'v
     if not torch.equal(zeros, zeros.round()) or zeros.min() < 0 or zeros.max() > 2**b - 1:
         raise ValueError(f"zero points must be integers in [0, {2**b - 1}] to pack; this result's are not")
     z = zeros.to(torch.int64)
-    if fmt == 'v1': z = (z - 1) & (2**b - 1)
+    if fmt == 'v1':
+        if (z == 0).any():
+            raise ValueError(f"checkpoint format v1 stores zero - 1, so it cannot hold a zero point of 0 ({int((z == 0).sum())} of this "
+                             "layer's zeros are 0): real readers decode it as 2^b (AutoGPTQ) or carry into the next zero (GPTQModel). "
+                             "Use format v2 (the default; --checkpoint-format v2)")
+        z = z - 1
     qweight = pack_bits(codes.T.contiguous(), b)                  # [n·b/32, m]
     qzeros = pack_bits(z.contiguous(), b).T.contiguous()            # [m, n/G] packed along m -> [n/G, m·b/32]
     scales = res.scales.T.contiguous().to(scale_dtype)            # [n/G, m]
@@ -145,7 +150,7 @@ def pack_layer(res: QuantResult, bias: torch.Tensor | None = None, fmt: str = 'v
                        None if bias is None else bias.detach().clone())
 
 # %% ../nbs/06_pack_format.ipynb #92610fce
-def unpack_layer(p: PackedLayer, fmt: str = 'v1') -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unpack_layer(p: PackedLayer, fmt: str = 'v2') -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Codes `[n, m]`, zeros `[n/G, m]` (int32, format `fmt` undone) and scales `[n/G, m]` of a packed layer."
     _check_format(fmt)
     q = unpack_bits(p.qweight, p.bits, p.in_features)
@@ -154,7 +159,7 @@ def unpack_layer(p: PackedLayer, fmt: str = 'v1') -> tuple[torch.Tensor, torch.T
     return q, z, p.scales
 
 # %% ../nbs/06_pack_format.ipynb #ace4a8b8
-def dequantize_packed(p: PackedLayer, fmt: str = 'v1', dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_packed(p: PackedLayer, fmt: str = 'v2', dtype: torch.dtype = torch.float32) -> torch.Tensor:
     "The weight $\\hat W = s\\,(q - z)$ `[m, n]` of a packed layer, computed in `dtype` exactly as the quantizer does."
     q, z, s = unpack_layer(p, fmt)
     gi = p.g_idx.long()

@@ -44,7 +44,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 class QuantLinear(nn.Module):
     "A packed GPTQ-layout replacement for `nn.Linear(in_features, out_features)`: `bits`-bit codes, groups of `group_size` (-1: whole row)."
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128, bias: bool = True,
-                 fmt: str = 'v1', scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float32,
+                 fmt: str = 'v2', scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float32,
                  backend: str = 'auto', device=None):
         super().__init__()
         p, nw = chunk_size(bits)
@@ -63,7 +63,7 @@ class QuantLinear(nn.Module):
         self.register_buffer('bias', torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
 
     @classmethod
-    def from_packed(cls, p: PackedLayer, group_size: int, fmt: str = 'v1', backend: str = 'auto') -> QuantLinear:
+    def from_packed(cls, p: PackedLayer, group_size: int, fmt: str = 'v2', backend: str = 'auto') -> QuantLinear:
         "A `QuantLinear` holding the tensors of `p` (no copy)."
         ql = cls(p.in_features, p.out_features, p.bits, group_size, p.bias is not None, fmt, p.scales.dtype,
                  p.bias.dtype if p.bias is not None else torch.float32, backend, device='meta')
@@ -122,7 +122,7 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), leaf
 
 # %% ../nbs/19_packing.ipynb #3dfe9da2
-def pack_model(qmodel: nn.Module, solutions: dict[str, QuantResult], fmt: str = 'v1',
+def pack_model(qmodel: nn.Module, solutions: dict[str, QuantResult], fmt: str = 'v2',
                scale_dtype: torch.dtype = torch.float16, backend: str = 'auto') -> nn.Module:
     "Replace every linear named in `solutions` (a quantize report's `solutions`) by a `QuantLinear`, in place; returns `qmodel`."
     if not solutions: raise ValueError("no quantized layers to pack: pass the report.solutions of the quantize() call that made the model")

@@ -215,7 +215,7 @@ def test_damaged_ct2_variables_name_the_file(monkeypatch):
 
 
 @pytest.mark.parametrize('case,tensors,qc,msg', [
-    ('v2-over-v1', None, lambda q: json.dumps({**q, 'fade_asr': {**q['fade_asr'], 'format': 'v2'}}), 'decodes to other weights'),
+    ('v1-over-v2', None, lambda q: json.dumps({**q, 'fade_asr': {**q['fade_asr'], 'format': 'v1'}}), 'decodes to other weights'),
     ('edited-weights', lambda sd: sd['model.decoder.layers.1.fc2.bias'].view(-1).__setitem__(0, 0.5), None,
      'is not the file that was saved'),
 ])

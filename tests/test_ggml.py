@@ -164,14 +164,14 @@ def test_whisper_cpp_transcribes_every_test_utterance_as_the_package(gptq_q4_1, 
 
 
 def test_packed_checkpoint_exports_exactly(tiny, tmp_path):
-    "A packed g32 checkpoint (GPTQ layout, v1) exported by the CLI: its codes land in Q4_1 blocks, and whisper.cpp loads it."
+    "A packed g32 checkpoint (GPTQ layout, v2) exported by the CLI: its codes land in Q4_1 blocks, and whisper.cpp loads it."
     from fade_asr.cli import main
     qm, sols = copy.deepcopy(tiny.model), {}
     for name, mod in qm.named_modules():
         if isinstance(mod, nn.Linear) and '.layers.0.' in name:
             sols[name] = rtn(mod.weight.detach(), QuantSpec(4, 32))
             with torch.no_grad(): mod.weight.copy_(sols[name].weight)
-    pack_model(qm, sols, fmt='v1', scale_dtype=torch.float16)
+    pack_model(qm, sols, fmt='v2', scale_dtype=torch.float16)
     save_packed(qm, tmp_path / 'packed', tiny.processor)
     main(['export', '--model', str(tmp_path / 'packed'), '--out', str(tmp_path / 'cpp')])
     gf = read_ggml(tmp_path / 'cpp' / 'ggml-model-q4_1.bin')

@@ -19,13 +19,13 @@ os.environ.setdefault('FADE_ASR_QUIET', '1')
 SETTINGS = dict(max_examples=40, deadline=None)
 
 
-def random_result(seed, bits, m, n, G, act_order):
-    "A QuantResult with random codes, integer zeros, positive fp32 scales and (optionally) a permuted g_idx."
+def random_result(seed, bits, m, n, G, act_order, min_zero=0):
+    "A QuantResult with random codes, integer zeros (from `min_zero`), positive fp32 scales and (optionally) a permuted g_idx."
     g = torch.Generator().manual_seed(seed)
     maxq = 2**bits - 1
     ng = n // G
     codes = torch.randint(0, maxq + 1, (m, n), generator=g, dtype=torch.int32)
-    zeros = torch.randint(0, maxq + 1, (m, ng), generator=g).float()
+    zeros = torch.randint(min_zero, maxq + 1, (m, ng), generator=g).float()
     scales = torch.rand(m, ng, generator=g) * 0.1 + 1e-3
     g_idx = torch.arange(n, dtype=torch.int32) // G
     if act_order: g_idx = g_idx[torch.randperm(n, generator=g)]
@@ -58,7 +58,7 @@ def test_pack_bits_round_trip(bits, chunks, cols, seed):
 @given(layouts(), st.sampled_from(['v1', 'v2']))
 def test_layer_round_trip_bit_exact(layout, fmt):
     bits, m, n, G, act, seed = layout
-    res = random_result(seed, bits, m, n, G, act)
+    res = random_result(seed, bits, m, n, G, act, min_zero=int(fmt == 'v1'))      # v1 cannot hold a zero of 0
     p = pack_layer(res, fmt=fmt, scale_dtype=torch.float32)
     assert p.qweight.shape == (n * bits // 32, m) and p.qzeros.shape == (n // G, m * bits // 32)
     assert p.scales.shape == (n // G, m) and p.g_idx.shape == (n,)
@@ -107,20 +107,25 @@ def gptq_reference_dequant(qweight, qzeros, scales, g_idx, bits, v1=True):
 @given(layouts(), st.sampled_from(['v1', 'v2']))
 def test_independent_gptq_decoder_reads_our_tensors(layout, fmt):
     bits, m, n, G, act, seed = layout
-    res = random_result(seed, bits, m, n, G, act)
+    res = random_result(seed, bits, m, n, G, act, min_zero=int(fmt == 'v1'))
     p = pack_layer(res, fmt=fmt)                                   # the ecosystem's fp16 scales
     Wt, q, z = gptq_reference_dequant(p.qweight, p.qzeros, p.scales, p.g_idx, bits, v1=(fmt == 'v1'))
     assert torch.equal(q, res.codes.T) and torch.equal(z, res.zeros.T.int())
     assert torch.equal(Wt.T, dequantize_packed(p, fmt))
 
 
-def test_v1_zero_of_zero_wraps():
-    "v1 stores zero-1: a zero point of 0 is stored as 2^b-1 and read back as 0 by the (stored+1)&mask convention."
+def test_v1_refuses_a_zero_of_zero():
+    """v1 stores zero-1, so a zero point of 0 would be stored as 2^b-1: AutoGPTQ reads 2^b back and GPTQModel's whole-word
+    +0x11111111 carries into the next field. It is refused (naming v2); v2 holds it; v1 with zeros >= 1 is what both read."""
     res = random_result(0, 4, 32, 64, 32, False)
-    res.zeros[:] = 0; res.weight = res.dequantize()
+    res.zeros[:, 0] = 0; res.weight = res.dequantize()
+    with pytest.raises(ValueError, match='cannot hold a zero point of 0.*v2'): pack_layer(res, fmt='v1')
+    assert torch.equal(unpack_layer(pack_layer(res, fmt='v2'), 'v2')[1], res.zeros.T.int())
+    res.zeros.clamp_(min=1); res.weight = res.dequantize()
     p = pack_layer(res, fmt='v1')
-    assert (p.qzeros == -1).all()                                  # every 4-bit field is 0xF
-    assert torch.equal(unpack_layer(p, 'v1')[1], torch.zeros(2, 32, dtype=torch.int32))
+    word = p.qzeros.to(torch.int64) & 0xFFFFFFFF                   # GPTQModel's v1 -> v2: add 0x11111111 to the whole word
+    v2 = ((word + 0x11111111) & 0xFFFFFFFF)
+    assert torch.equal(v2, pack_layer(res, fmt='v2').qzeros.to(torch.int64) & 0xFFFFFFFF)
 
 
 @settings(max_examples=15, deadline=None)
