@@ -221,6 +221,7 @@ def cmd_bench(a):
         B.run_bench(out, bits=bits, seeds=range(seeds), methods=a.methods, data=a.data, limit=a.limit,
                     batch_size=a.batch_size, model=a.model, shard=_shard(a.shard), suite=suite, language=a.language, task=a.task,
                     **({} if a.fraction is None else dict(fraction=a.fraction)))
+        if a.suite == 'ggml' and not (Path(out) / 'speed.json').is_file(): B.ggml_speed(out, a.model)   # speed, apart from the WER runs
     print(report(out, limit=a.limit))
 
 # %% ../nbs/22_cli.ipynb #920cdec6
