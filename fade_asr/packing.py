@@ -217,7 +217,9 @@ def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = Fal
         if hasattr(model, 'config'):
             model.config.architectures = [type(model).__name__]      # the class to rebuild, as save_pretrained records it
             # transformers reads this to know the linears are GPTQ-packed; without it, it would load them as random weights
-            model.config.quantization_config = {k: v for k, v in qc.items() if k not in ('fade_asr',)}
+            # for an encoder-decoder both stacks: by default transformers converts only the decoder's blocks
+            blocks = sorted({m.split('.layers.')[0] + '.layers' for m in qc['fade_asr']['modules'] if '.layers.' in m})
+            model.config.quantization_config = {**{k: v for k, v in qc.items() if k != 'fade_asr'}, 'block_name_to_quantize': blocks}
             model.config.save_pretrained(tmp)
         if getattr(model, 'generation_config', None) is not None: model.generation_config.save_pretrained(tmp)
         if processor is not None: processor.save_pretrained(tmp)

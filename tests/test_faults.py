@@ -279,7 +279,8 @@ def test_transformers_never_loads_a_packed_checkpoint_silently_wrong(packed):
     "config.json says the linears are GPTQ-packed: transformers needs its GPTQ backend, and says so, instead of random weights."
     from transformers import WhisperForConditionalGeneration
     qc = json.loads((packed / 'config.json').read_text())['quantization_config']
-    assert (qc['quant_method'], qc['bits'], qc['group_size'], qc['checkpoint_format']) == ('gptq', 4, 32, 'gptq')
+    assert (qc['quant_method'], qc['bits'], qc['group_size'], qc['checkpoint_format']) == ('gptq', 4, 32, 'gptq_v2')
+    assert qc['block_name_to_quantize'] == ['model.decoder.layers', 'model.encoder.layers']     # both stacks, not only the decoder
     try: import optimum  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match='optimum'):

@@ -184,7 +184,7 @@ def test_packed_model_save_load_identical(packed_run, tmp_path):
         assert torch.equal(pm(input_features=feats, decoder_input_ids=dec).logits, ref)
         out = save_packed(pm, tmp_path / 'ckpt')
         qc = json.loads((out / QUANTIZE_CONFIG).read_text())
-        assert (qc['bits'], qc['group_size'], qc['desc_act'], qc['checkpoint_format']) == (3, 32, False, 'gptq')
+        assert (qc['bits'], qc['group_size'], qc['desc_act'], qc['checkpoint_format']) == (3, 32, False, 'gptq_v2')
         lm, _ = load_packed(out)
         assert torch.equal(lm(input_features=feats, decoder_input_ids=dec).logits, ref)
         gc = lambda m: {k: v for k, v in m.generation_config.to_dict().items() if k != 'transformers_version'}
