@@ -324,14 +324,20 @@ def plot_error_through_depth(runs, bits: int, labels=('RTN', 'GPTQ', 'QEP α=0.5
     ax.legend(fontsize=7); ax.grid(alpha=.3)
     return ax
 
+# %% ../nbs/21_benchmark.ipynb #5312a570
+def _report_runs(out_dir, limit: int | None, command: str) -> tuple[Path, list[dict]]:
+    "(where a suite's report goes, its stored runs), with the plots set to render to files; a clear error when there are no runs."
+    import matplotlib; matplotlib.use('Agg')
+    out, runs = Path(out_dir) if limit is None else Path(out_dir) / f'report-limit{limit}', load_runs(out_dir, limit)
+    if not runs: raise FileNotFoundError(f'no benchmark runs under {Path(out_dir)}/{"runs" if limit is None else f"runs-limit{limit}"}; run `{command}` first')
+    out.mkdir(parents=True, exist_ok=True)
+    return out, runs
+
 # %% ../nbs/21_benchmark.ipynb #ab0fbcf4
 def write_report(out_dir='bench', limit: int | None = None) -> str:
     "Rebuild `results.md`, `results.json` and the PNG plots in `out_dir` (`out_dir/report-limitN` for `limit`ed runs) from the stored runs; returns the Markdown."
-    import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    out, runs = Path(out_dir) if limit is None else Path(out_dir) / f'report-limit{limit}', load_runs(out_dir, limit)
-    if not runs: raise FileNotFoundError(f'no benchmark runs under {Path(out_dir)}/{"runs" if limit is None else f"runs-limit{limit}"}; run `fade-asr bench` first')
-    out.mkdir(parents=True, exist_ok=True)
+    out, runs = _report_runs(out_dir, limit, 'fade-asr bench')
     md = ['## WER (mean ± std over calibration seeds)', summary_table(runs), '', '## Paired comparisons', paired_table(runs)]
     for ds in dict.fromkeys(d for r in runs for d in r['results']):
         fig, ax = plt.subplots(figsize=(6, 4)); plot_wer_vs_bits(runs, ds, ax); fig.tight_layout(); fig.savefig(out/f'wer_vs_bits_{ds}.png', dpi=110); plt.close(fig)
@@ -398,11 +404,8 @@ def plot_sensitivity(runs, bits: int, ax=None, gamma: float = 0.25):
 # %% ../nbs/21_benchmark.ipynb #a5b0673e
 def write_act_report(out_dir='bench/act', limit: int | None = None) -> str:
     "Rebuild `results.md`, `results.json` and the PNG plots of the activation suite in `out_dir` (`out_dir/report-limitN` for `limit`ed runs); returns the Markdown."
-    import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    out, runs = Path(out_dir) if limit is None else Path(out_dir) / f'report-limit{limit}', load_runs(out_dir, limit)
-    if not runs: raise FileNotFoundError(f'no activation-suite runs under {Path(out_dir)}/{"runs" if limit is None else f"runs-limit{limit}"}; run `fade-asr bench --suite activations` first')
-    out.mkdir(parents=True, exist_ok=True)
+    out, runs = _report_runs(out_dir, limit, 'fade-asr bench --suite activations')
     screens = [dict(label=r['label'], seed=r['seed'], flagged=r['report']['act']['screening']['flagged'],
                     best_pct=r['report']['act']['search']['best_pct'], stage1_s=r['report']['act']['screening']['seconds'],
                     stage2_s=r['report']['act']['search']['seconds'])
@@ -517,11 +520,8 @@ def plot_ggml(runs, dataset: str, ax=None):
 # %% ../nbs/21_benchmark.ipynb #cf7a215a
 def write_ggml_report(out_dir='bench/ggml', limit: int | None = None) -> str:
     "Rebuild `results.md`, `results.json` and the PNG plots of the whisper.cpp suite in `out_dir`; returns the Markdown."
-    import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    out, runs = Path(out_dir) if limit is None else Path(out_dir) / f'report-limit{limit}', load_runs(out_dir, limit)
-    if not runs: raise FileNotFoundError(f'no whisper.cpp-suite runs under {Path(out_dir)}; run `fade-asr bench --suite ggml` first')
-    out.mkdir(parents=True, exist_ok=True)
+    out, runs = _report_runs(out_dir, limit, 'fade-asr bench --suite ggml')
     sp = json.loads((Path(out_dir) / 'speed.json').read_text()) if (Path(out_dir) / 'speed.json').is_file() else None
     md = ['## WER, size and speed in whisper.cpp', ggml_table(runs, sp), '']
     if sp: md.append("Speed (`ggml_speed`): {utterances} Asterisk test utterances ({audio_minutes:.2f} audio minutes), one at a time, "

@@ -138,18 +138,22 @@ def _subset(name, every):
     return list(load_dataset(name, 'test'))[::every]
 
 
+def _agreement(path, qm, processor, utts):
+    "(share of utterances whose whisper.cpp and PyTorch transcripts agree after normalising, WER gap)."
+    from fade_asr.scoring import wer_report
+    cpp = evaluate_ggml(path, {'set': utts}, progress=False)['set']
+    ours = transcribe(qm, processor, [u.audio for u in utts], progress=False)
+    return np.mean([normalize(a) == normalize(b) for a, b in zip(cpp.hyps, ours)]), abs(cpp.wer - wer_report(cpp.refs, ours).wer)
+
+
 def test_whisper_cpp_transcribes_as_the_package(gptq_q4_1, tiny):
     """whisper.cpp runs the exported file and gives the fake-quantized model's text on >= 95% of the utterances (every 6th
     of each shipped test split here; `pytest -m slow` runs them all). It re-quantizes activations to 8 bits, so a few differ."""
     _need('pywhispercpp')
     qm, _, path = gptq_q4_1
     utts = _subset('asterisk', 6) + _subset('harvard', 6)
-    cpp = evaluate_ggml(path, {'mixed': utts}, progress=False)['mixed']
-    ours = transcribe(qm, tiny.processor, [u.audio for u in utts], progress=False)
-    same = np.mean([normalize(a) == normalize(b) for a, b in zip(cpp.hyps, ours)])
-    assert same >= 0.95, f"only {same:.0%} of {len(utts)} transcripts agree"
-    from fade_asr.scoring import wer_report
-    assert abs(cpp.wer - wer_report(cpp.refs, ours).wer) < 0.02
+    same, gap = _agreement(path, qm, tiny.processor, utts)
+    assert same >= 0.95 and gap < 0.02, f"{same:.0%} of {len(utts)} transcripts agree; the WERs differ by {gap:.2%}"
 
 
 @pytest.mark.slow
@@ -157,10 +161,8 @@ def test_whisper_cpp_transcribes_every_test_utterance_as_the_package(gptq_q4_1, 
     _need('pywhispercpp')
     qm, _, path = gptq_q4_1
     utts = _subset('asterisk', 1) + _subset('harvard', 1)
-    cpp = evaluate_ggml(path, {'all': utts}, progress=False)['all']
-    ours = transcribe(qm, tiny.processor, [u.audio for u in utts], progress=False)
-    same = np.mean([normalize(a) == normalize(b) for a, b in zip(cpp.hyps, ours)])
-    assert same >= 0.95, f"only {same:.1%} of {len(utts)} transcripts agree"
+    same, gap = _agreement(path, qm, tiny.processor, utts)
+    assert same >= 0.95, f"only {same:.1%} of {len(utts)} transcripts agree (WER gap {gap:.2%})"
 
 
 def test_packed_checkpoint_exports_exactly(tiny, tmp_path):
