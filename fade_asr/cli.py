@@ -107,12 +107,12 @@ def cmd_eval(a):
 
 # %% ../nbs/22_cli.ipynb #dcd0c2ef
 def _save_kind(save: str | None, cfg, recipe: str):
-    "(what `quantize` writes, the ggml block type or None): `--save`, else ggml for a grid that only ggml's blocks hold (free zero, 5 bits), else packed."
+    "(what `quantize` writes, the ggml block type or None): `--save`, else the recipe's `save`, else ggml for a grid that only ggml's blocks hold (free zero, 5 bits), else packed."
     from fade_asr.pack_format import PACK_BITS
     from fade_asr.ggml import block_type_for
     spec = cfg.spec
     gptq_ok = not spec.free_zero and spec.bits in PACK_BITS
-    save = save or ('packed' if gptq_ok else 'ggml')
+    save = save or cfg.save or ('packed' if gptq_ok else 'ggml')
     if save == 'packed' and not gptq_ok:
         raise ValueError(f"recipe {recipe}'s grid ({spec.bits} bits{', free zero' if spec.free_zero else ''}) has no GPTQ-layout "
                          f"checkpoint (it takes {'/'.join(map(str, PACK_BITS))} bits with integer zeros); use --save ggml (whisper.cpp) or --save fake")
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser('quantize', help='quantize and report WER against FP (the main job)'); common(s, 'fade-w3g128')
     s.add_argument('--out', default=None, help='output dir, new or empty (default: fade-asr-out/RECIPE-seedN)')
     s.add_argument('--overwrite', action='store_true', help='replace an earlier fade-asr output in --out (never a folder with files of your own)')
-    s.add_argument('--save', choices=('packed', 'fake', 'ggml'), default=None, help="packed low-bit checkpoint (GPTQ layout), fake-quantized fp32 weights, or whisper.cpp's model file (default: ggml for the q4_1/q5_1/q8_0 recipes, else packed)")
+    s.add_argument('--save', choices=('packed', 'fake', 'ggml'), default=None, help="packed low-bit checkpoint (GPTQ layout), fake-quantized fp32 weights, or whisper.cpp's model file (default: the recipe's save key, ggml for the q4_1/q5_1/q8_0 recipes, else packed)")
     s.add_argument('--scales', choices=('float16', 'float32'), default='float16', help='dtype of the stored scales (default float16: what GPTQ readers take; the package evaluates the packed model, so what is evaluated is what is stored; float32: bit-identical to the fake-quantized model)')
     s.add_argument('--checkpoint-format', choices=('v1', 'v2'), default='v2', help='GPTQ checkpoint format: v2 stores the zero point (GPTQModel; the default); v1 stores zero-1 (AutoGPTQ) and cannot hold a zero of 0, so it is refused where one occurs')
     s.add_argument('--backend', choices=('auto', 'torch', 'cupy'), default=None, help='packed matmul backend (default: $FADE_ASR_BACKEND or auto: CuPy on a GPU, else torch)')

@@ -83,6 +83,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     batch_size: int = 8                  # windows per encoder forward
     fp_cache_mb: int = 2048              # keep the FP twin's per-block linear inputs up to this size (0: re-run the FP block)
+    save: str | None = None              # what `fade-asr quantize` writes by default: packed, fake or ggml (None: packed where the GPTQ layout holds the grid)
     name: str = ''                       # recipe name, for the report
     act: ActConfig = field(default_factory=ActConfig)   # the activations (recipe keys act_bits, act_calib, ...)
 
@@ -113,6 +114,8 @@ class QuantConfig:
         if self.dev_split == 'test':
             raise ValueError("dev_split='test' would make choices (the oracle's alphas, StableQuant's layers) on the test data; use a held-out split such as 'dev'")
         if self.batch_size < 1 or self.blocksize < 1: raise ValueError("batch_size and blocksize must be >= 1")
+        if self.save not in (None, 'packed', 'fake', 'ggml'):
+            raise ValueError(f"save={self.save!r} is not an output kind; use packed (GPTQ layout), fake (fp32 weights) or ggml (whisper.cpp)")
 
     @classmethod
     def make(cls, bits: int = 4, group_size: int = 128, sym: bool = False, mse: bool = False, **kw) -> QuantConfig:
