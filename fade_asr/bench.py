@@ -506,15 +506,17 @@ def ggml_table(runs, speed: dict | None = None) -> str:
 
 # %% ../nbs/21_benchmark.ipynb #14376954
 def plot_ggml(runs, dataset: str, ax=None):
-    "WER against file size in whisper.cpp: each method at each ggml type."
+    "WER of each method at each ggml type in whisper.cpp (bars, mean ± std over seeds), labelled with the file size."
     import matplotlib.pyplot as plt
     ax = ax or plt.gca()
-    rows = [r for r in ggml_rows(runs) if r['mib'] is not None and dataset in r]
-    for label in dict.fromkeys(r['label'] for r in rows):
-        rs = [r for r in rows if r['label'] == label]
-        ax.errorbar([r['mib'] for r in rs], [r[dataset][0] for r in rs], yerr=[r[dataset][1] for r in rs], marker='o', capsize=3, label=label)
-        for r in rs: ax.annotate(r['type'], (r['mib'], r[dataset][0]), textcoords='offset points', xytext=(4, 4), fontsize=7)
-    ax.set_xlabel('model file (MiB)'); ax.set_ylabel('WER %'); ax.set_title(f'whisper.cpp, {dataset}'); ax.legend(fontsize=7)
+    rows = [r for r in ggml_rows(runs) if dataset in r]
+    types = list(dict.fromkeys(r['type'] for r in rows))
+    colours = dict(zip(types, plt.get_cmap('tab10').colors))
+    ax.barh(range(len(rows)), [r[dataset][0] for r in rows], xerr=[r[dataset][1] for r in rows],
+            color=[colours[r['type']] for r in rows], capsize=3)
+    size = lambda r: '' if r['mib'] is None else f", {r['mib']:.0f} MiB"
+    ax.set_yticks(range(len(rows)), [f"{r['label']} ({r['type']}{size(r)})" for r in rows], fontsize=8)
+    ax.invert_yaxis(); ax.set_xlabel('WER %'); ax.set_title(f'whisper.cpp, {dataset}'); ax.grid(axis='x', alpha=.3)
     return ax
 
 # %% ../nbs/21_benchmark.ipynb #cf7a215a
