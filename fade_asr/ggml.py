@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .quantizer import QuantSpec, QuantResult, dequantize
 from .pack_format import unpack_layer
-from .packing import packed_layers
+from .packing import check_solution, packed_layers
 from .families import model_family
 from .util import atomic_dir, quiet
 from .data import SAMPLE_RATE, load_dataset
@@ -162,11 +162,6 @@ def cpp_name(hf_name: str) -> str:
     return hf_name
 
 # %% ../nbs/20_ggml.ipynb #2c4efd94
-def _check_solution(name: str, res: QuantResult, weight: torch.Tensor):
-    if res.weight.shape != weight.shape or not torch.equal(res.weight.to(weight.dtype), weight.detach()):
-        raise ValueError(f"layer {name!r}: the solution does not rebuild the model's weight; export the model returned by "
-                         "the same quantize() call as its report")
-
 def ggml_tensors(model: nn.Module, bt: BlockType | None, solutions: dict[str, QuantResult] | None = None):
     "Yield (whisper.cpp name, ggml type id, shape, bytes) for every tensor of a Whisper `model`, in its file's rules."
     solutions, used = solutions or {}, set()
@@ -178,7 +173,7 @@ def ggml_tensors(model: nn.Module, bt: BlockType | None, solutions: dict[str, Qu
         if a.ndim < 2 or 'positional' in name or name.endswith('.bias'): ty, data = F32, a.numpy()
         elif a.ndim == 3 or bt is None: ty, data = F16, a.numpy().astype(np.float16)
         elif mod in solutions:
-            _check_solution(mod, solutions[mod], v); used.add(mod)
+            check_solution(mod, solutions[mod], v); used.add(mod)
             ty, data = bt.type_id, encode_blocks(*block_params(solutions[mod], bt), bt)
         else: ty, data = bt.type_id, encode_blocks(*ggml_rtn(a, bt), bt)
         yield name, ty, tuple(a.shape), np.ascontiguousarray(data).tobytes()

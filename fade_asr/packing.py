@@ -20,10 +20,10 @@ from .util import atomic_dir, file_sha256
 from .actquant import restore_act_quant
 
 # %% auto #0
-__all__ = ['BACKENDS', 'QUANTIZE_CONFIG', 'WEIGHTS', 'ACT_QUANT', 'resolve_backend', 'QuantLinear', 'pack_model', 'packed_layers',
-           'set_backend', 'quantize_config', 'layer_checks', 'verify_layer_checks', 'save_packed', 'is_packed_dir',
-           'read_packed_tensors', 'write_act_quant', 'load_act_quant', 'read_quantize_config', 'load_packed',
-           'tensor_bytes', 'linear_bytes']
+__all__ = ['BACKENDS', 'QUANTIZE_CONFIG', 'WEIGHTS', 'ACT_QUANT', 'resolve_backend', 'QuantLinear', 'check_solution',
+           'pack_model', 'packed_layers', 'set_backend', 'quantize_config', 'layer_checks', 'verify_layer_checks',
+           'save_packed', 'is_packed_dir', 'read_packed_tensors', 'write_act_quant', 'load_act_quant',
+           'read_quantize_config', 'load_packed', 'tensor_bytes', 'linear_bytes']
 
 # %% ../nbs/19_packing.ipynb #7862c90c
 BACKENDS = ('auto', 'torch', 'cupy')
@@ -121,6 +121,14 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent, _, leaf = name.rpartition('.')
     return (model.get_submodule(parent) if parent else model), leaf
 
+# %% ../nbs/19_packing.ipynb #2d71bf2d
+def check_solution(name: str, res: QuantResult, weight: torch.Tensor) -> None:
+    "A clear error unless the solution `res` of layer `name` rebuilds the model's `weight` exactly from its codes (what packing and export rely on)."
+    if (res.weight.shape != weight.shape or not torch.equal(res.weight.to(weight.dtype), weight.detach())
+            or not torch.equal(res.dequantize().to(res.weight.dtype), res.weight)):
+        raise ValueError(f"layer {name!r}: the solution's codes do not rebuild the model's weight exactly; "
+                         "use the model returned by the same quantize() call as its report")
+
 # %% ../nbs/19_packing.ipynb #3dfe9da2
 def pack_model(qmodel: nn.Module, solutions: dict[str, QuantResult], fmt: str = 'v2',
                scale_dtype: torch.dtype = torch.float16, backend: str = 'auto') -> nn.Module:
@@ -131,9 +139,7 @@ def pack_model(qmodel: nn.Module, solutions: dict[str, QuantResult], fmt: str = 
         lin = getattr(parent, leaf, None)
         if not isinstance(lin, nn.Linear):
             raise ValueError(f"layer {name!r} is not an nn.Linear in this model ({type(lin).__name__}); pack the model the solutions came from")
-        if not torch.equal(res.weight.to(lin.weight.dtype), lin.weight.detach()) or not torch.equal(res.dequantize().to(res.weight.dtype), res.weight):
-            raise ValueError(f"layer {name!r}: the solution's codes do not rebuild the model's weight exactly; "
-                             "pack the model returned by the same quantize() call")
+        check_solution(name, res, lin.weight)
         p = pack_layer(res, lin.bias, fmt, scale_dtype)
         if p.bias is not None: p.bias = p.bias.to(lin.weight.dtype)
         G = res.spec.group(lin.in_features)
