@@ -6,7 +6,7 @@ Docs: https://fade-asr.github.io/fade_asr/packing.html.md"""
 
 # %% ../nbs/19_packing.ipynb #19b4419f
 from __future__ import annotations
-import json, os
+import copy, json, os
 from pathlib import Path
 
 import torch
@@ -21,9 +21,10 @@ from .actquant import restore_act_quant
 
 # %% auto #0
 __all__ = ['BACKENDS', 'QUANTIZE_CONFIG', 'WEIGHTS', 'ACT_QUANT', 'resolve_backend', 'QuantLinear', 'check_solution',
-           'pack_model', 'packed_layers', 'set_backend', 'quantize_config', 'layer_checks', 'verify_layer_checks',
-           'save_packed', 'is_packed_dir', 'read_packed_tensors', 'write_act_quant', 'load_act_quant',
-           'read_quantize_config', 'load_packed', 'tensor_bytes', 'linear_bytes']
+           'packed_layers', 'round_floats', 'pack_model', 'set_backend', 'quantize_config', 'dedupe_tensors',
+           'layer_checks', 'verify_layer_checks', 'write_safetensors', 'write_hf_files', 'save_packed', 'is_packed_dir',
+           'read_packed_tensors', 'write_act_quant', 'load_act_quant', 'read_quantize_config', 'load_packed',
+           'tensor_bytes', 'linear_bytes']
 
 # %% ../nbs/19_packing.ipynb #7862c90c
 BACKENDS = ('auto', 'torch', 'cupy')
@@ -129,10 +130,31 @@ def check_solution(name: str, res: QuantResult, weight: torch.Tensor) -> None:
         raise ValueError(f"layer {name!r}: the solution's codes do not rebuild the model's weight exactly; "
                          "use the model returned by the same quantize() call as its report")
 
+# %% ../nbs/19_packing.ipynb #cfc04c7c
+def packed_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    "The `QuantLinear` modules of a model, by name."
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+# %% ../nbs/19_packing.ipynb #a2a3267c
+def _stored_floats(model: nn.Module) -> dict[str, torch.Tensor]:
+    "The float tensors of `model`'s state dict other than packed scales (those keep their own dtype), by name."
+    scales = {id(m.scales) for m in packed_layers(model).values()}
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if t.is_floating_point() and id(t) not in scales}
+
+def round_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    "Round every stored float tensor wider than `dtype` to `dtype`'s values, in place and in its own dtype: the model computes what a `dtype` file holds."
+    for n, t in _stored_floats(model).items():
+        if torch.finfo(t.dtype).bits <= torch.finfo(dtype).bits: continue
+        r = t.detach().to(dtype)
+        if not torch.isfinite(r).all() and torch.isfinite(t).all():
+            raise ValueError(f"tensor {n} overflows {str(dtype).split('.')[-1]} (max |x| = {float(t.abs().max()):.3g}); store it wider (--scales float32)")
+        with torch.no_grad(): t.copy_(r)
+    return model
+
 # %% ../nbs/19_packing.ipynb #3dfe9da2
 def pack_model(qmodel: nn.Module, solutions: dict[str, QuantResult], fmt: str = 'v2',
-               scale_dtype: torch.dtype = torch.float16, backend: str = 'auto') -> nn.Module:
-    "Replace every linear named in `solutions` (a quantize report's `solutions`) by a `QuantLinear`, in place; returns `qmodel`."
+               scale_dtype: torch.dtype = torch.float16, backend: str = 'auto', float_dtype: torch.dtype | None = None) -> nn.Module:
+    "Replace every linear named in `solutions` by a `QuantLinear`, in place, and round the other floats to `float_dtype` (default: `scale_dtype`), as they will be stored."
     if not solutions: raise ValueError("no quantized layers to pack: pass the report.solutions of the quantize() call that made the model")
     for name, res in solutions.items():
         parent, leaf = _get_parent(qmodel, name)
@@ -144,16 +166,14 @@ def pack_model(qmodel: nn.Module, solutions: dict[str, QuantResult], fmt: str = 
         if p.bias is not None: p.bias = p.bias.to(lin.weight.dtype)
         G = res.spec.group(lin.in_features)
         setattr(parent, leaf, QuantLinear.from_packed(p, G if res.spec.group_size != -1 else -1, fmt, backend))
+    float_dtype = float_dtype or scale_dtype
+    round_floats(qmodel, float_dtype)
     qmodel._fade_packed = {'solutions': {n: {'bits': r.spec.bits, 'group_size': r.spec.group_size, 'sym': r.spec.sym}
-                                         for n, r in solutions.items()}, 'fmt': fmt, 'scale_dtype': str(scale_dtype).split('.')[-1]}
+                                         for n, r in solutions.items()}, 'fmt': fmt, 'scale_dtype': str(scale_dtype).split('.')[-1],
+                           'float_dtype': str(float_dtype).split('.')[-1]}
     if getattr(qmodel, '_fade_act', None):       # quantized activations: their hooks sat on the replaced linears
         restore_act_quant(qmodel, qmodel._fade_act)
     return qmodel
-
-# %% ../nbs/19_packing.ipynb #cfc04c7c
-def packed_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    "The `QuantLinear` modules of a model, by name."
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 # %% ../nbs/19_packing.ipynb #dd79f101
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
@@ -176,10 +196,11 @@ def quantize_config(model: nn.Module, act_order: bool = False) -> dict:
     bits, gs, sym = specs.pop()
     return {'bits': bits, 'group_size': gs, 'desc_act': bool(act_order), 'sym': sym, 'true_sequential': True,
             'static_groups': False, 'quant_method': 'gptq', 'checkpoint_format': 'gptq' if info['fmt'] == 'v1' else 'gptq_v2',
-            'fade_asr': {'format': info['fmt'], 'scale_dtype': info['scale_dtype'], 'modules': sorted(layers)}}
+            'fade_asr': {'format': info['fmt'], 'scale_dtype': info['scale_dtype'],
+                         'float_dtype': info.get('float_dtype', 'float32'), 'modules': sorted(layers)}}
 
 # %% ../nbs/19_packing.ipynb #805214e2
-def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def dedupe_tensors(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     "Drop tensors that share storage with an earlier one (tied weights); returns (kept, dropped names)."
     seen, kept, dropped = set(), {}, []
     for k, v in sd.items():
@@ -207,28 +228,41 @@ def verify_layer_checks(model: nn.Module, checks: dict, where) -> None:
                              "quantize_config.json does not match the weights (format, bits or group size edited?): re-run `fade-asr quantize`")
 
 # %% ../nbs/19_packing.ipynb #c89ef316
+def write_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    "`safetensors` `save_file`, with a clear error when the disk is full or read-only."
+    from safetensors.torch import save_file
+    try: save_file(sd, str(path), metadata={'format': 'pt', **metadata})
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own SafetensorError (not an OSError) when the disk is full
+        raise OSError(f"could not write {path.name} ({type(e).__name__}: {e}); is the disk full or "
+                      "read-only? Free space or choose another output folder (nothing was changed)") from None
+
+def write_hf_files(model: nn.Module, out: Path, quantization_config: dict, processor=None) -> None:
+    "config.json (the class to rebuild and its `quantization_config`), generation_config.json and the processor's files, into `out`."
+    if hasattr(model, 'config'):
+        cfg = copy.deepcopy(model.config)
+        cfg.architectures = [type(model).__name__]                  # the class to rebuild, as save_pretrained records it
+        cfg.quantization_config = quantization_config                # what tells a reader the linears are packed
+        cfg.save_pretrained(out)
+    if getattr(model, 'generation_config', None) is not None: model.generation_config.save_pretrained(out)
+    if processor is not None: processor.save_pretrained(out)
+
+# %% ../nbs/19_packing.ipynb #c3d05ea4
 def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = False, extra: dict[str, str] | None = None,
                 overwrite: bool = False) -> Path:
     "Atomically write a packed model (from `pack_model`) to `out_dir`: model.safetensors, config.json, quantize_config.json, processor files, and `extra` {file name: text}."
-    from safetensors.torch import save_file
     qc = quantize_config(model, act_order)
+    floats = set(_stored_floats(model))                       # stored in the dtype pack_model rounded them to
+    fdt = getattr(torch, model._fade_packed['float_dtype'])
     with atomic_dir(out_dir, overwrite) as tmp:
-        sd, tied = _dedupe(model.state_dict())
-        try: save_file(sd, str(tmp / WEIGHTS), metadata={'format': 'pt', 'fade_asr': 'packed', 'tied': json.dumps(tied)})
-        except Exception as e:  # noqa: BLE001 -- safetensors raises its own SafetensorError (not an OSError) when the disk is full
-            raise OSError(f"could not write {Path(out_dir) / WEIGHTS} ({type(e).__name__}: {e}); is the disk full or "
-                          "read-only? Free space or choose another output folder (nothing was changed)") from None
+        sd, tied = dedupe_tensors(model.state_dict())
+        sd = {k: v.to(fdt) if k in floats and torch.finfo(v.dtype).bits > torch.finfo(fdt).bits else v for k, v in sd.items()}
+        write_safetensors(sd, tmp / WEIGHTS, {'fade_asr': 'packed', 'tied': json.dumps(tied)})
         qc['fade_asr'].update(weights_sha256=file_sha256(tmp / WEIGHTS), checks=layer_checks(model))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2))
-        if hasattr(model, 'config'):
-            model.config.architectures = [type(model).__name__]      # the class to rebuild, as save_pretrained records it
-            # transformers reads this to know the linears are GPTQ-packed; without it, it would load them as random weights
-            # for an encoder-decoder both stacks: by default transformers converts only the decoder's blocks
-            blocks = sorted({m.split('.layers.')[0] + '.layers' for m in qc['fade_asr']['modules'] if '.layers.' in m})
-            model.config.quantization_config = {**{k: v for k, v in qc.items() if k != 'fade_asr'}, 'block_name_to_quantize': blocks}
-            model.config.save_pretrained(tmp)
-        if getattr(model, 'generation_config', None) is not None: model.generation_config.save_pretrained(tmp)
-        if processor is not None: processor.save_pretrained(tmp)
+        # transformers reads quantization_config to know the linears are GPTQ-packed (without it, it loads random weights);
+        # for an encoder-decoder it names both stacks: by default transformers converts only the decoder's blocks
+        blocks = sorted({m.split('.layers.')[0] + '.layers' for m in qc['fade_asr']['modules'] if '.layers.' in m})
+        write_hf_files(model, tmp, {**{k: v for k, v in qc.items() if k != 'fade_asr'}, 'block_name_to_quantize': blocks}, processor)
         write_act_quant(model, tmp)
         for k, v in (extra or {}).items(): (tmp / k).write_text(v)
     return Path(out_dir)
@@ -285,8 +319,8 @@ def load_act_quant(model: nn.Module, path) -> nn.Module:
     except ValueError as e: raise ValueError(f"{path} is damaged ({e}): re-run `fade-asr quantize`") from None
 
 # %% ../nbs/19_packing.ipynb #d6621efc
-def read_quantize_config(path: Path) -> tuple[int, int, str, dict]:
-    "(bits, group_size, format, our `fade_asr` part with its `modules`) of a `quantize_config.json`, with a clear error for anything malformed."
+def read_quantize_config(path: Path) -> tuple[int, int, bool, str, dict]:
+    "(bits, group_size, sym, format, our `fade_asr` part with its `modules`) of a `quantize_config.json`, with a clear error for anything malformed."
     try: qc = json.loads(Path(path).read_text(encoding='utf-8'))
     except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{path} is not valid JSON ({e}); re-run `fade-asr quantize`") from None
     if not isinstance(qc, dict): raise ValueError(f"{path} must hold a JSON object, not a {type(qc).__name__}; re-run `fade-asr quantize`")
@@ -299,7 +333,9 @@ def read_quantize_config(path: Path) -> tuple[int, int, str, dict]:
     if type(gs) is not int or not (gs == -1 or gs > 0):
         raise ValueError(f"{path}: group_size is {gs!r}; it must be a positive integer or -1 (one group per row)")
     if fmt not in ('v1', 'v2'): raise ValueError(f"{path}: fade_asr.format is {fmt!r}; it must be 'v1' or 'v2'")
-    return bits, gs, fmt, ours
+    sym = qc.get('sym', False)
+    if type(sym) is not bool: raise ValueError(f"{path}: sym is {sym!r}; it must be true or false")
+    return bits, gs, sym, fmt, ours
 
 # %% ../nbs/19_packing.ipynb #680072ba
 def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32):
@@ -307,7 +343,7 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
     from transformers import AutoConfig, AutoProcessor
     d = Path(path)
     if not is_packed_dir(d): raise FileNotFoundError(f"{d} is not a packed checkpoint (no {QUANTIZE_CONFIG}); write one with `fade-asr quantize`")
-    bits, gs, fmt, ours = read_quantize_config(d / QUANTIZE_CONFIG)
+    bits, gs, sym, fmt, ours = read_quantize_config(d / QUANTIZE_CONFIG)
     sd = read_packed_tensors(d / WEIGHTS)
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad: raise ValueError(f"{d / WEIGHTS}: tensor {bad[0]} holds NaN/inf ({len(bad)} such tensor(s)); the checkpoint is damaged: re-run `fade-asr quantize`")
@@ -328,6 +364,8 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
         setattr(parent, leaf, QuantLinear(lin.in_features, lin.out_features, bits, gs, lin.bias is not None, fmt,
                                           sdt, dtype, backend, device='meta'))
     expect = model.state_dict()
+    sd = {k: v.to(expect[k].dtype) if k in expect and v.is_floating_point() and expect[k].is_floating_point() else v
+          for k, v in sd.items()}                                      # fp16 on disk, computed in `dtype`
     problems = [f"{k}: stored {tuple(v.shape)} {v.dtype}, expected {tuple(expect[k].shape)} {expect[k].dtype}"
                 for k, v in sd.items() if k in expect and (v.shape != expect[k].shape or v.dtype != expect[k].dtype)]
     unexpected = sorted(set(sd) - set(expect))
@@ -348,6 +386,8 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(d, local_files_only=True)
     if (d / ACT_QUANT).is_file(): load_act_quant(model, d / ACT_QUANT)
+    model._fade_packed = {'solutions': {n: {'bits': bits, 'group_size': gs, 'sym': sym} for n in ours['modules']}, 'fmt': fmt,
+                          'scale_dtype': ours.get('scale_dtype', 'float32'), 'float_dtype': ours.get('float_dtype', 'float32')}
     try: proc = AutoProcessor.from_pretrained(d, local_files_only=True)
     except (OSError, ValueError): proc = None
     return model.eval(), proc
@@ -355,7 +395,7 @@ def load_packed(path, backend: str = 'auto', dtype: torch.dtype = torch.float32)
 # %% ../nbs/19_packing.ipynb #9123c360
 def tensor_bytes(model: nn.Module) -> int:
     "Bytes of all parameters and buffers of `model`, each shared tensor counted once."
-    sd, _ = _dedupe(model.state_dict())
+    sd, _ = dedupe_tensors(model.state_dict())
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 # %% ../nbs/19_packing.ipynb #2c220994

@@ -47,7 +47,8 @@ class ActConfig:
 # %% ../nbs/15_recipes.ipynb #40075998
 def _with_act(kw: dict, act: ActConfig | None = None) -> dict:
     "`kw` with its flat `act_*` keys (as recipes write them) gathered into `act`, an `ActConfig` (from `act` if given)."
-    a = {k[4:]: kw.pop(k) for k in list(kw) if k.startswith('act_')}
+    names = {f.name for f in dataclasses.fields(ActConfig)}           # not act_order: that one is GPTQ's column order
+    a = {k[4:]: kw.pop(k) for k in list(kw) if k.startswith('act_') and k[4:] in names}
     if a or act is not None: kw['act'] = dataclasses.replace(kw.get('act') or act or ActConfig(), **a)
     return kw
 
@@ -114,8 +115,9 @@ class QuantConfig:
         if self.dev_split == 'test':
             raise ValueError("dev_split='test' would make choices (the oracle's alphas, StableQuant's layers) on the test data; use a held-out split such as 'dev'")
         if self.batch_size < 1 or self.blocksize < 1: raise ValueError("batch_size and blocksize must be >= 1")
-        if self.save not in (None, 'packed', 'fake', 'ggml'):
-            raise ValueError(f"save={self.save!r} is not an output kind; use packed (GPTQ layout), fake (fp32 weights) or ggml (whisper.cpp)")
+        if self.save not in (None, 'packed', 'fake', 'ggml', 'compressed-tensors'):
+            raise ValueError(f"save={self.save!r} is not an output kind; use packed (GPTQ layout), fake (fp32 weights), ggml (whisper.cpp) "
+                             "or compressed-tensors (transformers, vLLM)")
 
     @classmethod
     def make(cls, bits: int = 4, group_size: int = 128, sym: bool = False, mse: bool = False, **kw) -> QuantConfig:

@@ -108,8 +108,9 @@ def fsync_path(path: Path):
 def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     "fsync every file and folder of `tmp`, then move it into place as `out` (an earlier `out` is replaced as a whole)."
     tmp, out = Path(tmp), Path(out)
-    for p in sorted(tmp.rglob('*'), reverse=True): fsync_path(p)
-    os.chmod(tmp, 0o755); fsync_path(tmp)                       # mkdtemp makes 0700; a server may run as another user
+    for p in sorted(tmp.rglob('*'), reverse=True):              # mkdtemp/mkstemp (and safetensors) make 0700/0600, but a
+        os.chmod(p, 0o755 if p.is_dir() else 0o644); fsync_path(p)  # server may run as another user: ordinary permissions
+    os.chmod(tmp, 0o755); fsync_path(tmp)
     last = None
     for _ in range(100):
         try: os.replace(tmp, out); break
