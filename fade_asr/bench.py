@@ -14,8 +14,8 @@ __all__ = ['BENCH_TEST_FRACTION', 'RUN_KEY', 'ACT_PAIRS', 'BENCH_SHAPES', 'BENCH
            'write_bench_kernels', 'long_audio_memory']
 
 # %% ../nbs/22_benchmark.ipynb #81854782
-import copy, hashlib, itertools, json, math, os, platform, resource, tempfile, time
-from dataclasses import dataclass, field
+import copy, hashlib, itertools, json, os, platform, resource, tempfile, time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,7 +36,7 @@ from .stablequant import quantize_model
 from .packing import QuantLinear, pack_model
 from .actquant import PART_COLOURS, layer_part
 from .scoring import torch_threads, transcribe
-from .ggml import WhisperCpp, block_type, evaluate_ggml, export_ggml, ggml_fake_quant
+from .ggml import WhisperCpp, evaluate_ggml, export_ggml
 
 # %% ../nbs/22_benchmark.ipynb #b875170c
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ __all__ = ['BENCH_SUITES', 'evaluate_models', 'save_quantized', 'render_readme',
            'cmd_bench', 'cmd_bench_kernels', 'cmd_recipes', 'cmd_build_data', 'cmd_readme', 'build_parser', 'main']
 
 # %% ../nbs/23_cli.ipynb #60f30519
-import argparse, json, os, sys, time
+import argparse, json, sys, time
 from pathlib import Path
 
 # %% ../nbs/23_cli.ipynb #2c625405

@@ -6,7 +6,6 @@ Docs: https://fade-asr.github.io/fade_asr/compressed_tensors.html.md"""
 
 # %% ../nbs/21_compressed_tensors.ipynb #c89a7ef4
 from __future__ import annotations
-import json
 from pathlib import Path
 
 import torch

@@ -6,7 +6,7 @@ Docs: https://fade-asr.github.io/fade_asr/ggml.html.md"""
 
 # %% ../nbs/20_ggml.ipynb #2c44a195
 from __future__ import annotations
-import json, os, struct, time
+import json, os, struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +21,7 @@ from .pack_format import unpack_layer
 from .packing import check_solution, packed_layers
 from .families import model_family
 from .util import atomic_dir, quiet
-from .data import SAMPLE_RATE, load_dataset
-from .scoring import EvalResult, wer_report, is_english
+from .scoring import EvalResult, evaluate_with
 
 # %% auto #0
 __all__ = ['QK', 'F32', 'F16', 'BLOCK_TYPES', 'GGML_MAGIC', 'HPARAMS', 'BlockType', 'block_type', 'block_type_for',
@@ -358,16 +357,9 @@ class WhisperCpp:
 # %% ../nbs/20_ggml.ipynb #7fadd7e5
 def evaluate_ggml(path, datasets, threads: int = 2, split: str = 'test', limit: int | None = None,
                   language: str | None = None, progress: bool = True) -> dict[str, EvalResult]:
-    "WER of the whisper.cpp model file `path` on `datasets` (names, or {name: utterances}), decoded by whisper.cpp."
-    sets = datasets if isinstance(datasets, dict) else {n: load_dataset(n, split=split, limit=limit) for n in ([datasets] if isinstance(datasets, str) else datasets)}
-    cpp, out = WhisperCpp(path, threads, language or 'en'), {}
-    for name, ds in sets.items():
-        utts = list(ds)[:limit] if limit is not None else list(ds)
-        if not utts: raise ValueError(f"data set {name!r} has no utterances; check its name/split or build it first.")
-        t0 = time.perf_counter()
-        hyps = [cpp.transcribe([u.audio])[0] for u in tqdm(utts, desc=f'whisper.cpp {name}', disable=quiet(progress), leave=False)]
-        ids, refs = [str(u.id) for u in utts], [u.text for u in utts]
-        stats = wer_report(refs, hyps, ids=ids, languages=[language] * len(utts))
-        out[name] = EvalResult(name, stats, ids, refs, hyps, time.perf_counter() - t0,
-                               sum(len(u.audio) for u in utts) / SAMPLE_RATE, 'english' if is_english(language) else 'basic')
-    return out
+    "WER of the whisper.cpp model file `path` on `datasets` (names, or {name: utterances}), decoded by whisper.cpp one utterance at a time."
+    cpps = {}
+    def fn(audios, lang):
+        cpp = cpps.get(lang) or cpps.setdefault(lang, WhisperCpp(path, threads, lang or 'en'))
+        return [cpp.transcribe([a])[0] for a in tqdm(audios, desc='whisper.cpp', disable=quiet(progress), leave=False)]
+    return evaluate_with(fn, datasets, split, limit, language)

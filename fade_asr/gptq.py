@@ -6,7 +6,7 @@ Docs: https://fade-asr.github.io/fade_asr/gptq.html.md"""
 
 # %% ../nbs/03_gptq.ipynb #8b327b3d
 from __future__ import annotations
-import math, warnings
+import warnings
 import torch
 from .quantizer import (QuantSpec, QuantResult, find_params, quantize_codes, dequantize, fake_quant,
                                 compute_dtype, check_finite)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizer import QuantSpec, QuantResult
+from .quantizer import QuantResult
 
 # %% auto #0
 __all__ = ['PACK_BITS', 'chunk_size', 'pack_bits', 'unpack_bits', 'PackedLayer', 'pack_layer', 'unpack_layer',

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .quantizer import QuantSpec, QuantResult
+from .quantizer import QuantResult
 from .pack_format import PACK_BITS, PackedLayer, chunk_size, pack_layer, _check_format, _unpack_last
 from .kernels import cupy_available, quant_matmul
 from .util import atomic_dir, file_sha256

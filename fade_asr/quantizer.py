@@ -6,7 +6,7 @@ Docs: https://fade-asr.github.io/fade_asr/quantizer.html.md"""
 
 # %% ../nbs/02_quantizer.ipynb #6b80e435
 from __future__ import annotations
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import torch
 
 # %% auto #0

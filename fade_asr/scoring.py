@@ -32,8 +32,8 @@ from .models import get_adapter
 __all__ = ['SAMPLE_RATE', 'WINDOW_SECONDS', 'DEFAULT_BATCH_SIZE', 'MAX_TOKENS_PER_S', 'MIN_TOKEN_BUDGET', 'english_spelling_map',
            'english_normalizer', 'normalize', 'basic_normalizer', 'is_english', 'normalizer_for', 'EmptyReferenceError',
            'WerStats', 'wer_report', 'split_long_audio', 'torch_threads', 'token_budget', 'transcribe', 'EvalResult',
-           'evaluate', 'results_table', 'results_json', 'load_results_json', 'BootstrapResult', 'paired_bootstrap',
-           'worst_utterances', 'wer_excluding_worst']
+           'evaluate_with', 'evaluate', 'results_table', 'results_json', 'load_results_json', 'BootstrapResult',
+           'paired_bootstrap', 'worst_utterances', 'wer_excluding_worst']
 
 # %% ../nbs/14_scoring.ipynb #94e3d328
 def _asset_path(*parts: str) -> Path:
@@ -341,11 +341,11 @@ def _resolve_datasets(datasets, split: str, limit: int | None) -> dict[str, Iter
     return out
 
 # %% ../nbs/14_scoring.ipynb #28c2ec7c
-def evaluate(model, processor, datasets, batch_size: int = DEFAULT_BATCH_SIZE, split: str = "test",
-             limit: int | None = None, progress: bool = True, language: str | None = None, task: str | None = None,
-             **transcribe_kwargs) -> dict[str, EvalResult]:
-    """Transcribe and score every data set; `datasets` is a name, a list of names, or {name: utterances}.
-    Each utterance is decoded and normalised in its own `lang` (a manifest column), else in `language` (default English)."""
+def evaluate_with(transcribe_fn: Callable[[list, str | None], list[str]], datasets, split: str = "test",
+                  limit: int | None = None, language: str | None = None, task: str | None = None) -> dict[str, EvalResult]:
+    """Score any transcriber, `transcribe_fn(audios, language) -> texts`, on every data set; `datasets` is a name, a list
+    of names, or {name: utterances}. Each utterance is decoded and normalised in its own `lang` (a manifest column),
+    else in `language` (default English)."""
     results = {}
     for name, ds in _resolve_datasets(datasets, split, limit).items():
         utts = list(ds)
@@ -357,9 +357,7 @@ def evaluate(model, processor, datasets, batch_size: int = DEFAULT_BATCH_SIZE, s
         t0, hyps = time.perf_counter(), [None] * len(utts)
         for lang in dict.fromkeys(langs):
             idx = [i for i, l in enumerate(langs) if l == lang]
-            out = transcribe(model, processor, [utts[i].audio for i in idx], batch_size=batch_size, progress=progress,
-                             language=lang, task=task, **transcribe_kwargs)
-            for i, h in zip(idx, out): hyps[i] = h
+            for i, h in zip(idx, transcribe_fn([utts[i].audio for i in idx], lang)): hyps[i] = h
         secs = time.perf_counter() - t0
         scored = langs if task != 'translate' else [None] * len(langs)   # a translation is scored as English
         stats = wer_report(refs, hyps, ids=ids, languages=scored)
@@ -367,6 +365,15 @@ def evaluate(model, processor, datasets, batch_size: int = DEFAULT_BATCH_SIZE, s
         results[name] = EvalResult(name, stats, ids, refs, hyps, secs,
                                    sum(len(u.audio) for u in utts) / SAMPLE_RATE, '+'.join(norm))
     return results
+
+# %% ../nbs/14_scoring.ipynb #8d4ef7d8
+def evaluate(model, processor, datasets, batch_size: int = DEFAULT_BATCH_SIZE, split: str = "test",
+             limit: int | None = None, progress: bool = True, language: str | None = None, task: str | None = None,
+             **transcribe_kwargs) -> dict[str, EvalResult]:
+    "Transcribe every data set with `model` (batched greedy decoding, `transcribe`) and score it: `evaluate_with` for a PyTorch model."
+    def fn(audios, lang):
+        return transcribe(model, processor, audios, batch_size=batch_size, progress=progress, language=lang, task=task, **transcribe_kwargs)
+    return evaluate_with(fn, datasets, split, limit, language, task)
 
 # %% ../nbs/14_scoring.ipynb #2dc29efd
 def _cell(r) -> str:

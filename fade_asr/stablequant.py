@@ -6,9 +6,8 @@ Docs: https://fade-asr.github.io/fade_asr/stablequant.html.md"""
 
 # %% ../nbs/18_stablequant.ipynb #3973449f
 from __future__ import annotations
-import json, resource, time
+import resource, time
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
