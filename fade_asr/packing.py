@@ -97,12 +97,23 @@ class QuantLinear(nn.Module):
             self._ord = (self.g_idx, ok)
         return self._ord[1]
 
+    keep_dense = True        # torch path: keep Ŵ after the first call (set False to save memory, and unpack every call)
+
+    def _dense(self, dtype: torch.dtype) -> torch.Tensor:
+        "Ŵ in `dtype`, dequantized once and kept (a plain attribute, never saved) until a packed tensor is replaced."
+        key = (dtype, self.qweight, self.qzeros, self.scales, self.g_idx)
+        c = getattr(self, '_dense_cache', None)
+        if c is not None and c[0] == dtype and all(a is b for a, b in zip(c[1], key[1:])): return c[2]
+        W = self.dequantize(dtype)
+        if self.keep_dense: self._dense_cache = (dtype, key[1:], W)
+        return W
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if resolve_backend(self.backend, x.device) == 'cupy':
             y = quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.g_idx,
                              self.bits, self.fmt).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self._dense(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
