@@ -76,3 +76,25 @@ def test_quantize_end_to_end_small(tmp_path):
     r4 = run_cli(*again, '--overwrite')
     assert r4.returncode == 0, r4.stderr[-3000:]
     assert json.loads((out / 'wer.json').read_text())['results']['rtn-w4g128']['asterisk']['n_utts'] == 1
+
+
+def test_fp_results_are_decoded_once(tmp_path, monkeypatch):
+    "quantize's FP results come from the cache when nothing that decides them changed; other settings or a damaged entry decode again."
+    import fade_asr.scoring as S
+    from fade_asr.cli import cached_evaluate
+    from fade_asr.data import load_dataset
+    from fade_asr.models import load_model
+    lm = load_model()
+    monkeypatch.setenv('FADE_ASR_CACHE', str(tmp_path / 'cache'))
+    ds = {'asterisk': list(load_dataset('asterisk', 'test', limit=2))}
+    calls, real = [], S.evaluate
+    monkeypatch.setattr(S, 'evaluate', lambda *a, **k: calls.append(1) or real(*a, **k))
+    r1 = cached_evaluate(lm.model, lm.processor, ds)
+    r2 = cached_evaluate(lm.model, lm.processor, ds)
+    assert len(calls) == 1
+    assert r2['asterisk'].hyps == r1['asterisk'].hyps and r2['asterisk'].stats.wer == r1['asterisk'].stats.wer
+    cached_evaluate(lm.model, lm.processor, ds, batch_size=1)
+    assert len(calls) == 2                                                   # another decoding setting: decoded again
+    for f in (tmp_path / 'cache' / 'eval').iterdir(): f.write_text('{')      # damaged entries: decoded again
+    cached_evaluate(lm.model, lm.processor, ds)
+    assert len(calls) == 3
