@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'check_output_dir', 'clean_stale', 'fsync_path', 'publish_dir', 'atomic_dir',
-           'file_sha256', 'quiet']
+__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'check_output_dir', 'staging_dir', 'clean_stale', 'fsync_path', 'publish_dir',
+           'atomic_dir', 'file_sha256', 'quiet']
 
 # %% ../nbs/00_util.ipynb #f0ffac16
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -86,6 +86,12 @@ def _alive(pid: int) -> bool:
     except PermissionError: return True
     return True
 
+def staging_dir(out: Path) -> Path:
+    "A new, uniquely named temporary sibling of `out` to build it in; stale ones that killed writers left are removed first."
+    out.parent.mkdir(parents=True, exist_ok=True); clean_stale(out)
+    tmp = _tmp_name(out, 'tmp'); tmp.mkdir()
+    return tmp
+
 def clean_stale(out: Path) -> list[Path]:
     "Remove the temporary siblings of `out` that a killed writer left behind (never one whose process still runs)."
     gone = []
@@ -129,8 +135,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     """Build a directory in a temporary sibling (yielded) and move it into place on success: `out_dir` is always
     either the old complete directory or the new complete one, never half written; on error nothing changes."""
     out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True); clean_stale(out)
-    tmp = _tmp_name(out, 'tmp'); tmp.mkdir()
+    tmp = staging_dir(out)
     try:
         yield tmp
         (tmp / OUTPUT_MARKER).write_text(json.dumps({'written_by': 'fade_asr', 'files': _files(tmp)}, indent=1))

@@ -7,7 +7,7 @@ Docs: https://fade-asr.github.io/fade_asr/whisper.html.md"""
 # %% ../nbs/10_whisper.ipynb #b99bcdb1
 from __future__ import annotations
 
-import json, os, re, shutil, struct, tempfile, uuid, warnings
+import json, os, re, shutil, struct, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .util import file_sha256, fsync_path
+from .util import file_sha256, publish_dir, staging_dir
 from .families import (causal_mask, ModelAdapter, ModelFamily, LoadedModel, attn_roles, generate_batch,
                                 register_family, _from_pretrained)
 
@@ -382,27 +382,16 @@ def cache_entry_valid(d: Path) -> bool:
 
 # %% ../nbs/10_whisper.ipynb #c29c0eee
 def _write_cache_entry(model, proc, out: Path, meta: dict) -> None:
-    "Save `model`+`proc` to `out` atomically: temp dir in the same parent, fsync, marker last, `os.replace`."
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.tmp-{out.name}-', dir=out.parent))
-    trash = out.parent / f'.trash-{out.name}-{uuid.uuid4().hex[:8]}'
+    "Save `model`+`proc` to `out` atomically: built in a staging sibling, the marker (sizes, hashes) last, then `publish_dir` (fsync, rename)."
+    tmp = staging_dir(out)
     try:
         model.save_pretrained(tmp)
         proc.save_pretrained(tmp)
         files = {p.name: {'size': p.stat().st_size, 'sha256': file_sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
-        for n in files: fsync_path(tmp / n)
-        marker = tmp / CACHE_MARKER
-        marker.write_text(json.dumps({**meta, 'converter_version': CONVERTER_VERSION, 'files': files}, indent=1))
-        fsync_path(marker); fsync_path(tmp)
-        if out.exists() or out.is_symlink():  # an invalid entry: move it aside (a rename, so readers never see it half-deleted)
-            try: os.replace(out, trash)
-            except FileNotFoundError: pass
-        try: os.replace(tmp, out)
-        except OSError:  # another process renamed its finished entry into place first
-            if not cache_entry_valid(out): raise
-        fsync_path(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(trash, ignore_errors=True)
+        (tmp / CACHE_MARKER).write_text(json.dumps({**meta, 'converter_version': CONVERTER_VERSION, 'files': files}, indent=1))
+        publish_dir(tmp, out)                  # an invalid old entry (or a racing writer's) is replaced as a whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True); raise
 
 # %% ../nbs/10_whisper.ipynb #2c35c0e7
 def _load_whisper_hf(d: Path, dtype: torch.dtype = torch.float32):
