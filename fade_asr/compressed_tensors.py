@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .pack_format import pack_bits, unpack_layer
-from .packing import (QuantLinear, packed_layers, quantize_config, dedupe_tensors, write_safetensors,
+from .packing import (QuantLinear, packed_layers, quantize_config, stored_state_dict, write_safetensors,
                               write_hf_files, WEIGHTS)
 from .util import atomic_dir
 
@@ -31,7 +31,7 @@ def _group_size(ql: QuantLinear) -> int:
 
 # %% ../nbs/21_compressed_tensors.ipynb #ee1ce80c
 def ct_layer(ql: QuantLinear, sym: bool) -> dict[str, torch.Tensor]:
-    "One packed linear's compressed-tensors tensors (`weight_packed`, `weight_scale`, `weight_zero_point` unless `sym`, `weight_shape`, `bias`)."
+    "One packed linear's compressed-tensors tensors: `weight_packed`, `weight_scale`, `weight_zero_point` (unless `sym`) and `weight_shape`."
     _group_size(ql)
     q, z, s = unpack_layer(ql.packed(), ql.fmt)                # [n, m] codes, [n/G, m] zeros and scales
     b, (n, m) = ql.bits, q.shape
@@ -40,7 +40,6 @@ def ct_layer(ql: QuantLinear, sym: bool) -> dict[str, torch.Tensor]:
     if sym:
         if not (z == 2 ** (b - 1)).all(): raise ValueError(f"a symmetric layer must have every zero at {2 ** (b - 1)}; this one does not")
     else: d['weight_zero_point'] = pack_bits(z.T.contiguous(), b)  # [m·b/32, n/G]: packed down the rows
-    if ql.bias is not None: d['bias'] = ql.bias
     return d
 
 # %% ../nbs/21_compressed_tensors.ipynb #b142872d
@@ -64,12 +63,8 @@ def export_compressed(model: nn.Module, out_dir, processor=None, overwrite: bool
                          "static clips, so only a weight-only model exports (use a W-only recipe, e.g. fade-w4g128)")
     qc = quantize_config(model)                                # one grid for every packed layer, or a clear error
     layers = packed_layers(model)
-    fdt = getattr(torch, model._fade_packed.get('float_dtype', 'float32'))
-    sd = {}
-    for k, v in dedupe_tensors(model.state_dict())[0].items():
-        mod, _, leaf = k.rpartition('.')
-        if mod in layers: continue                             # the packed linears: relabelled below
-        sd[k] = v.to(fdt) if v.is_floating_point() and torch.finfo(v.dtype).bits > torch.finfo(fdt).bits else v
+    sd = {k: v for k, v in stored_state_dict(model)[0].items()           # as the packed checkpoint stores them ...
+          if k.rpartition('.')[0] not in layers or k.endswith('.bias')}  # ... but the packed linears, relabelled below
     for name, ql in layers.items():
         sd.update({f'{name}.{k}': v.contiguous() for k, v in ct_layer(ql, qc['sym']).items()})
     fp = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))

@@ -22,9 +22,9 @@ from .actquant import restore_act_quant
 # %% auto #0
 __all__ = ['BACKENDS', 'QUANTIZE_CONFIG', 'WEIGHTS', 'ACT_QUANT', 'resolve_backend', 'QuantLinear', 'check_solution',
            'packed_layers', 'round_floats', 'pack_model', 'set_backend', 'quantize_config', 'dedupe_tensors',
-           'layer_checks', 'verify_layer_checks', 'write_safetensors', 'write_hf_files', 'save_packed', 'is_packed_dir',
-           'read_packed_tensors', 'write_act_quant', 'load_act_quant', 'read_quantize_config', 'load_packed',
-           'tensor_bytes', 'linear_bytes']
+           'stored_state_dict', 'layer_checks', 'verify_layer_checks', 'write_safetensors', 'write_hf_files',
+           'save_packed', 'is_packed_dir', 'read_packed_tensors', 'write_act_quant', 'load_act_quant',
+           'read_quantize_config', 'load_packed', 'tensor_bytes', 'linear_bytes']
 
 # %% ../nbs/19_packing.ipynb #7862c90c
 BACKENDS = ('auto', 'torch', 'cupy')
@@ -221,6 +221,12 @@ def dedupe_tensors(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
         kept[k] = v.contiguous()
     return kept, dropped
 
+def stored_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    "What a checkpoint of a packed `model` stores: a tied weight once, floats in the dtype `pack_model` rounded them to (scales in their own); and the tied names left out."
+    floats, fdt = set(_stored_floats(model)), getattr(torch, model._fade_packed.get('float_dtype', 'float32'))
+    sd, tied = dedupe_tensors(model.state_dict())
+    return {k: v.to(fdt) if k in floats and torch.finfo(v.dtype).bits > torch.finfo(fdt).bits else v for k, v in sd.items()}, tied
+
 # %% ../nbs/19_packing.ipynb #c7b52334
 def layer_checks(model: nn.Module) -> dict[str, list[float]]:
     "{name: [Σ Ŵ, Σ Ŵ²]} of every packed layer, in float64: a fingerprint of what the codes, scales, zeros and format decode to."
@@ -262,11 +268,8 @@ def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = Fal
                 overwrite: bool = False) -> Path:
     "Atomically write a packed model (from `pack_model`) to `out_dir`: model.safetensors, config.json, quantize_config.json, processor files, and `extra` {file name: text}."
     qc = quantize_config(model, act_order)
-    floats = set(_stored_floats(model))                       # stored in the dtype pack_model rounded them to
-    fdt = getattr(torch, model._fade_packed['float_dtype'])
+    sd, tied = stored_state_dict(model)
     with atomic_dir(out_dir, overwrite) as tmp:
-        sd, tied = dedupe_tensors(model.state_dict())
-        sd = {k: v.to(fdt) if k in floats and torch.finfo(v.dtype).bits > torch.finfo(fdt).bits else v for k, v in sd.items()}
         write_safetensors(sd, tmp / WEIGHTS, {'fade_asr': 'packed', 'tied': json.dumps(tied)})
         qc['fade_asr'].update(weights_sha256=file_sha256(tmp / WEIGHTS), checks=layer_checks(model))
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2))
