@@ -156,7 +156,8 @@ def test_ctrl_c_is_one_line_and_no_traceback(tmp_path):
     import os, signal, subprocess, sys, time
     env = {**os.environ, 'FADE_ASR_QUIET': '1'}
     p = subprocess.Popen([sys.executable, '-c', 'import sys; from fade_asr.cli import main; sys.exit(main())', 'quantize',
-                          '--out', str(tmp_path / 'o'), '--limit', '1'], stderr=subprocess.PIPE, text=True, env=env)
+                          '--out', str(tmp_path / 'o'), '--limit', '1'], stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores SIGINT
     time.sleep(8); p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 130 and 'interrupted' in err and 'Traceback' not in err, err
