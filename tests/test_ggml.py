@@ -2,7 +2,6 @@
 and quantizes as `ggml_rtn` does, byte for byte; whisper.cpp itself (the `pywhispercpp` wheel) loads the exported tiny.en
 and transcribes the shipped test utterances as the package's fake-quantized model does. Plus the errors of bad input."""
 import copy, os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,20 +14,13 @@ from fade_asr.ggml import (BLOCK_TYPES, QK, block_type, block_params, encode_blo
                            ggml_fake_quant, read_ggml, cpp_name, evaluate_ggml, unpack_model, WhisperCpp)
 from fade_asr.packing import pack_model, save_packed, load_packed
 from fade_asr.scoring import normalize, transcribe
+from readers import need
 
 os.environ.setdefault('FADE_ASR_QUIET', '1')
 
 
-def _need(mod):
-    "The real reader `mod`: a test dependency, so under CI its absence fails; elsewhere it skips."
-    try: return __import__(mod)
-    except ImportError:
-        if os.environ.get('CI'): raise
-        pytest.skip(f'{mod} is not installed (pip install -e ".[dev]")')
-
-
 def _gguf():
-    _need('gguf')
+    need('gguf')
     from gguf import quants, GGMLQuantizationType
     return quants, {n: getattr(GGMLQuantizationType, n.upper()) for n in BLOCK_TYPES}
 
@@ -149,7 +141,7 @@ def _agreement(path, qm, processor, utts):
 def test_whisper_cpp_transcribes_as_the_package(gptq_q4_1, tiny):
     """whisper.cpp runs the exported file and gives the fake-quantized model's text on >= 95% of the utterances (every 6th
     of each shipped test split here; `pytest -m slow` runs them all). It re-quantizes activations to 8 bits, so a few differ."""
-    _need('pywhispercpp')
+    need('pywhispercpp')
     qm, _, path = gptq_q4_1
     utts = _subset('asterisk', 6) + _subset('harvard', 6)
     same, gap = _agreement(path, qm, tiny.processor, utts)
@@ -158,7 +150,7 @@ def test_whisper_cpp_transcribes_as_the_package(gptq_q4_1, tiny):
 
 @pytest.mark.slow
 def test_whisper_cpp_transcribes_every_test_utterance_as_the_package(gptq_q4_1, tiny):
-    _need('pywhispercpp')
+    need('pywhispercpp')
     qm, _, path = gptq_q4_1
     utts = _subset('asterisk', 1) + _subset('harvard', 1)
     same, gap = _agreement(path, qm, tiny.processor, utts)
@@ -185,7 +177,7 @@ def test_packed_checkpoint_exports_exactly(tiny, tmp_path):
         bt = block_type('q4_1')
         q, _, _ = block_params(back[name], bt)
         assert torch.equal(q, sols[name].codes)                          # the very codes the solution had
-    if _need('pywhispercpp'):
+    if need('pywhispercpp'):
         from fade_asr.data import load_dataset
         u = list(load_dataset('asterisk', 'test', limit=1))
         assert WhisperCpp(tmp_path / 'cpp' / 'ggml-model-q4_1.bin').transcribe([u[0].audio])[0].strip()

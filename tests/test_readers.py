@@ -7,20 +7,13 @@ import pytest
 import torch
 
 from fade_asr.data import calibration_subset, load_dataset
-from fade_asr.packing import QuantLinear, pack_model, save_packed, load_packed, packed_layers, WEIGHTS
+from fade_asr.packing import pack_model, save_packed, packed_layers, WEIGHTS
 from fade_asr.pipeline import quantize
 from fade_asr.recipes import QuantConfig
 from fade_asr.scoring import normalize, transcribe
+from readers import need
 
 os.environ.setdefault('FADE_ASR_QUIET', '1')
-
-
-def need(mod):
-    "The real reader `mod`: a test dependency, so under CI its absence fails; elsewhere the test skips."
-    try: return __import__(mod)
-    except ImportError:
-        if os.environ.get('CI'): raise
-        pytest.skip(f'{mod} is not installed (see the README test command)')
 
 
 @pytest.fixture(scope='module')
