@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'check_output_dir', 'staging_dir', 'clean_stale', 'fsync_path', 'publish_dir',
+__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'check_output_dir', 'clean_stale', 'staging_dir', 'fsync_path', 'publish_dir',
            'atomic_dir', 'file_sha256', 'quiet']
 
 # %% ../nbs/00_util.ipynb #f0ffac16
@@ -80,18 +80,14 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
 def _tmp_name(out: Path, kind: str) -> Path:
     return out.with_name(f".{out.name}.fade-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
+# %% ../nbs/00_util.ipynb #5fb0c279
 def _alive(pid: int) -> bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
     except PermissionError: return True
     return True
 
-def staging_dir(out: Path) -> Path:
-    "A new, uniquely named temporary sibling of `out` to build it in; stale ones that killed writers left are removed first."
-    out.parent.mkdir(parents=True, exist_ok=True); clean_stale(out)
-    tmp = _tmp_name(out, 'tmp'); tmp.mkdir()
-    return tmp
-
+# %% ../nbs/00_util.ipynb #0b962701
 def clean_stale(out: Path) -> list[Path]:
     "Remove the temporary siblings of `out` that a killed writer left behind (never one whose process still runs)."
     gone = []
@@ -100,6 +96,13 @@ def clean_stale(out: Path) -> list[Path]:
         if len(parts) == 4 and parts[2].isdigit() and not _alive(int(parts[2])):
             shutil.rmtree(p, ignore_errors=True); gone.append(p)
     return gone
+
+# %% ../nbs/00_util.ipynb #af5aa4ca
+def staging_dir(out: Path) -> Path:
+    "A new, uniquely named temporary sibling of `out` to build it in; stale ones that killed writers left are removed first."
+    out.parent.mkdir(parents=True, exist_ok=True); clean_stale(out)
+    tmp = _tmp_name(out, 'tmp'); tmp.mkdir()
+    return tmp
 
 # %% ../nbs/00_util.ipynb #c117639d
 def fsync_path(path: Path):
@@ -111,6 +114,7 @@ def fsync_path(path: Path):
     except OSError:
         if Path(path).is_file(): raise
 
+# %% ../nbs/00_util.ipynb #bff27f28
 def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     "fsync every file and folder of `tmp`, then move it into place as `out` (an earlier `out` is replaced as a whole)."
     tmp, out = Path(tmp), Path(out)

@@ -62,6 +62,19 @@ def test_ggml_rtn_is_ggmls_own_quantizer(name):
     assert same == 1.0, f"{name}: {1 - same:.2%} of rows differ from ggml's quantizer"
 
 
+@pytest.mark.parametrize('name', list(BLOCK_TYPES))
+def test_rounding_twice_is_rounding_once(name):
+    """`quantize --save ggml` evaluates what whisper.cpp will hold (`ggml_fake_quant` rounds the token embedding) and
+    then writes it, so the writer rounds it again: that second rounding must change no byte (d and m are fp16, so the
+    grid a block is rebuilt on could in principle move). Random rows with outliers, over five decades of scale."""
+    bt, g = block_type(name), torch.Generator().manual_seed(3)
+    W = torch.randn(64, 8 * QK, generator=g) * torch.logspace(-3, 1, 64)[:, None]
+    W[::7, ::13] *= 40                                                  # outliers set the blocks' ranges
+    once = encode_blocks(*ggml_rtn(W, bt), bt)
+    twice = encode_blocks(*ggml_rtn(decode_blocks(once, bt, W.shape[1]), bt), bt)
+    assert np.array_equal(np.asarray(once), np.asarray(twice))
+
+
 @pytest.mark.parametrize('name,free', [('q4_1', True), ('q4_1', False), ('q5_1', True), ('q5_1', False), ('q8_0', False)])
 def test_solutions_are_written_exactly(name, free):
     "A GPTQ solution on the block's grid, written and read back by gguf: Ŵ within fp16 rounding of d and m (none at all on the free grid)."
