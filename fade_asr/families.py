@@ -331,6 +331,7 @@ def find_family(model: nn.Module) -> ModelFamily | None:
 class CheckpointError(ValueError):
     "A checkpoint directory that must not be loaded as it is: pickled weights, weights that do not fit, or NaN/inf."
 
+# %% ../nbs/09_families.ipynb #cb3df745
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl')
 
 def _refuse_pickles(d: Path):
@@ -343,6 +344,7 @@ def _refuse_pickles(d: Path):
             "because unpickling a file can run code. Convert it once where you trust the file: "
             "`M.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)`")
 
+# %% ../nbs/09_families.ipynb #c1069c09
 def check_finite_weights(model: nn.Module, where: str):
     "A clear error naming the first weight tensor of `model` that holds NaN or inf."
     for k, v in model.state_dict().items():

@@ -152,6 +152,7 @@ def _stored_floats(model: nn.Module) -> dict[str, torch.Tensor]:
     scales = {id(m.scales) for m in packed_layers(model).values()}
     return {n: t for n, t in model.state_dict(keep_vars=True).items() if t.is_floating_point() and id(t) not in scales}
 
+# %% ../nbs/19_packing.ipynb #83dede9e
 def round_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     "Round every stored float tensor wider than `dtype` to `dtype`'s values, in place and in its own dtype: the model computes what a `dtype` file holds."
     for n, t in _stored_floats(model).items():
@@ -221,6 +222,7 @@ def dedupe_tensors(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
         kept[k] = v.contiguous()
     return kept, dropped
 
+# %% ../nbs/19_packing.ipynb #c617bea0
 def stored_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     "What a checkpoint of a packed `model` stores: a tied weight once, floats in the dtype `pack_model` rounded them to (scales in their own); and the tied names left out."
     floats, fdt = set(_stored_floats(model)), getattr(torch, model._fade_packed.get('float_dtype', 'float32'))
@@ -235,6 +237,7 @@ def layer_checks(model: nn.Module) -> dict[str, list[float]]:
         W = l.dequantize(torch.float64); out[n] = [float(W.sum()), float((W * W).sum())]
     return out
 
+# %% ../nbs/19_packing.ipynb #b705d6d2
 def verify_layer_checks(model: nn.Module, checks: dict, where) -> None:
     "A clear error if a loaded packed model decodes to other weights than were saved (e.g. a format edited from v1 to v2)."
     for n, got in layer_checks(model).items():
@@ -253,6 +256,7 @@ def write_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[st
         raise OSError(f"could not write {path.name} ({type(e).__name__}: {e}); is the disk full or "
                       "read-only? Free space or choose another output folder (nothing was changed)") from None
 
+# %% ../nbs/19_packing.ipynb #88f6c974
 def write_hf_files(model: nn.Module, out: Path, quantization_config: dict, processor=None) -> None:
     "config.json (the class to rebuild and its `quantization_config`), generation_config.json and the processor's files, into `out`."
     if hasattr(model, 'config'):
