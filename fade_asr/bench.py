@@ -11,10 +11,11 @@ __all__ = ['BENCH_TEST_FRACTION', 'RUN_KEY', 'ACT_PAIRS', 'BENCH_SHAPES', 'BENCH
            'plot_wer_vs_bits', 'plot_alpha_per_layer', 'plot_error_through_depth', 'write_report', 'act_methods',
            'plot_act_wer', 'plot_sensitivity', 'write_act_report', 'ggml_methods', 'ggml_speed', 'ggml_rows',
            'ggml_table', 'plot_ggml', 'write_ggml_report', 'bench_kernels', 'decoder_latency', 'bench_markdown',
-           'write_bench_kernels', 'long_audio_memory']
+           'write_bench_kernels', 'long_audio_memory', 'profile_parts', 'quantize_parts', 'eval_parts', 'speed_suite',
+           'speed_markdown', 'plot_speed', 'write_speed_report']
 
 # %% ../nbs/22_benchmark.ipynb #81854782
-import copy, hashlib, itertools, json, os, platform, resource, tempfile, time
+import copy, cProfile, hashlib, inspect, itertools, json, os, platform, pstats, resource, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,15 +26,17 @@ from tqdm.auto import tqdm
 
 from .util import atomic_write_text, quiet
 from .quantizer import QuantSpec, rtn
-from .gptq import gptq
+from .gptq import gptq, layer_loss
 from .pack_format import pack_layer
 from .kernels import cupy_available, gptq_gpu, quant_matmul
+from .families import LoadedModel
 from .models import get_adapter, load_model
 from .data import calibration_subset, load_dataset, shipped_datasets
-from .scoring import DEFAULT_BATCH_SIZE, evaluate, paired_bootstrap
+from .scoring import DEFAULT_BATCH_SIZE, evaluate, paired_bootstrap, wer_report
 from .recipes import load_recipe
+from .pipeline import Method, SequentialPass, _run, _split_half, _v_raw, prepare_windows
 from .stablequant import quantize_model
-from .packing import QuantLinear, pack_model
+from .packing import QuantLinear, load_packed, pack_model, save_packed
 from .actquant import PART_COLOURS, layer_part
 from .scoring import torch_threads, transcribe
 from .ggml import WhisperCpp, evaluate_ggml, export_ggml
@@ -89,12 +92,14 @@ def model_sha256(model: torch.nn.Module) -> str:
         h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode()); h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b'')
     return h.hexdigest()
 
+# %% ../nbs/22_benchmark.ipynb #e02f8d3e
 def data_sha256(utts) -> str:
     "SHA-256 of a test set: its utterances' ids, texts and audio, in order."
     h = hashlib.sha256()
     for u in utts: h.update(f"{u.id}|{u.text}|".encode()); h.update(np.ascontiguousarray(u.audio, np.float32).tobytes())
     return h.hexdigest()
 
+# %% ../nbs/22_benchmark.ipynb #3f355450
 def run_key(model: torch.nn.Module, datasets: dict, fraction: float, language: str | None = None, task: str | None = None) -> dict:
     "What a benchmark run measured: the model's weights, the test utterances of each set, the test fraction (and a language or task other than the default)."
     key = {'model_sha256': model_sha256(model), 'data_sha256': {k: data_sha256(v) for k, v in sorted(datasets.items())},
@@ -122,15 +127,15 @@ def claim_runs(runs_dir, key: dict) -> Path:
 # %% ../nbs/22_benchmark.ipynb #9b8a87b7
 def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, batch_size: int | None = None,
             limit: int | None = None, fraction: float = BENCH_TEST_FRACTION, key: dict | None = None,
-            language: str | None = None, task: str | None = None) -> dict:
-    """Quantize with method `m` and calibration seed `seed`, evaluate on `datasets`, store and return the record.
+            language: str | None = None, task: str | None = None, split: str = 'test') -> dict:
+    """Quantize with method `m` and calibration seed `seed`, evaluate on `datasets` (utterances of `split`), store and return the record.
     A stored run is reused only from a runs folder claimed under the same `key` (default: `run_key` of these)."""
     path = run_path(out_dir, m, bits, seed, limit)
     claim_runs(path.parents[1], key or run_key(lm.model, datasets, fraction, language, task))
     if path.exists(): return json.loads(path.read_text())
     cfg = load_recipe(m.recipe, seed=seed, **{**dict(m.overrides), 'language': language, 'task': task})
     rec = dict(label=m.label, recipe=m.recipe, overrides=dict(m.overrides), bits=bits,
-               seed=seed if m.seeded else None, method=cfg.method, limit=limit, test_fraction=fraction)
+               seed=seed if m.seeded else None, method=cfg.method, limit=limit, test_fraction=fraction, split=split)
     model, t0, sols = lm.model, time.time(), None
     if cfg.method != 'fp':
         model, report = quantize_model(lm.model, calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed), cfg,
@@ -160,20 +165,24 @@ def _select(ms: list[BenchMethod], labels, every: Sequence[str] | None = None) -
 def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=None, limit=None, batch_size=None,
               model=None, fraction: float = BENCH_TEST_FRACTION, shard: tuple[int, int] = (0, 1),
               suite: Callable[[int], list[BenchMethod]] = default_methods, language: str | None = None,
-              task: str | None = None) -> list[dict]:
+              task: str | None = None, split: str = 'test') -> list[dict]:
     """Run (or resume) the whole grid, or the `shard=(i, n)`-th share of it; returns the records of the runs it visited.
-    `suite(bits)` lists the methods (default: the weight-only suite; `act_methods`: the activation suite)."""
+    `suite(bits)` lists the methods (default: the weight-only suite; `act_methods`: the activation suite). `split='dev'`
+    scores the whole dev split instead of the fixed share of the test split: for choosing between recipes, which must
+    never be done on test speech."""
+    if split not in ('test', 'dev'): raise ValueError(f"the benchmark scores the 'test' or the 'dev' split, not {split!r}")
     lm = load_model(model)
     i, n = shard
     if not 0 <= i < n: raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}.")
-    datasets = {d: bench_test_set(d, fraction, limit) for d in (data or shipped_datasets())}
+    pick = (lambda d: bench_test_set(d, fraction, limit)) if split == 'test' else (lambda d: load_dataset(d, 'dev', limit=limit))
+    datasets = {d: pick(d) for d in (data or shipped_datasets())}
     # seed-major order: an interrupted benchmark has every method and bit width for the first seeds,
     # not every seed of one method
     every = [m.label for b in bits for m in suite(b)]
     todo = [(m, b, s) for s in seeds for b in bits for m in _select(suite(b), methods, every) if m.seeded or s == min(seeds)]
     key, recs = run_key(lm.model, datasets, fraction, language, task), []
     for m, b, s in tqdm(todo[i::n], desc='benchmark runs', disable=quiet()):
-        recs.append(run_one(lm, m, b, s, datasets, out_dir, batch_size, limit, fraction, key, language, task))
+        recs.append(run_one(lm, m, b, s, datasets, out_dir, batch_size, limit, fraction, key, language, task, split))
     return recs
 
 # %% ../nbs/22_benchmark.ipynb #07f825b1
@@ -490,6 +499,7 @@ def ggml_rows(runs, speed: dict | None = None) -> list[dict]:
             rows.append(row)
     return rows
 
+# %% ../nbs/22_benchmark.ipynb #2c30dc0d
 def ggml_table(runs, speed: dict | None = None) -> str:
     "The whisper.cpp suite as a Markdown table."
     rows = ggml_rows(runs, speed)
@@ -525,7 +535,8 @@ def write_ggml_report(out_dir='bench/ggml', limit: int | None = None) -> str:
     import matplotlib.pyplot as plt
     out, runs = _report_runs(out_dir, limit, 'fade-asr bench --suite ggml')
     sp = json.loads((Path(out_dir) / 'speed.json').read_text()) if (Path(out_dir) / 'speed.json').is_file() else None
-    md = ['## WER, size and speed in whisper.cpp', ggml_table(runs, sp), '']
+    split = runs[0].get('split', 'test') if runs else 'test'
+    md = ['## WER, size and speed in whisper.cpp' + ('' if split == 'test' else f' ({split} split)'), ggml_table(runs, sp), '']
     if sp: md.append("Speed (`ggml_speed`): {utterances} Asterisk test utterances ({audio_minutes:.2f} audio minutes), one at a time, "
                      "median of {repeats} interleaved repeats, on {cpus} CPU cores ({machine}).".format(**sp['_setup']))
     for ds in dict.fromkeys(d for r in runs for d in r['results']):
@@ -706,3 +717,153 @@ def long_audio_memory(minutes: Sequence[float] = (1, 10, 30, 60), out_dir='bench
     md += [f"| {r['minutes']:g} | {r['audio_mb']:.0f} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} | {r['extra_per_audio']:.2f} |" for r in rows]
     atomic_write_text(out / 'results.md', '\n'.join(md) + '\n')
     return rows
+
+# %% ../nbs/22_benchmark.ipynb #27b526e5
+def _code_key(f) -> tuple:
+    c = inspect.unwrap(f).__code__
+    return c.co_filename, c.co_firstlineno, c.co_name
+
+# %% ../nbs/22_benchmark.ipynb #fb20e9e7
+def profile_parts(fn: Callable, parts: dict[str, Sequence[Callable]]):
+    """Run `fn()` under cProfile; returns (its result, {part: inclusive seconds of the part's functions, 'other': the rest,
+    'total': wall seconds}). The parts must not nest inside one another."""
+    pr, t0 = cProfile.Profile(), time.perf_counter()
+    pr.enable()
+    try: out = fn()
+    finally: pr.disable()
+    total, st = time.perf_counter() - t0, pstats.Stats(pr).stats
+    res = {p: sum(st[k][3] for k in map(_code_key, fs) if k in st) for p, fs in parts.items()}
+    return out, {**res, 'other': max(total - sum(res.values()), 0.0), 'total': total}
+
+# %% ../nbs/22_benchmark.ipynb #510ff6a8
+def quantize_parts() -> dict[str, list[Callable]]:
+    "The disjoint parts of one `quantize()` run, for `profile_parts`."
+    return {'calibration features': [prepare_windows], 'block forwards (both twins)': [_run],
+            'input statistics (H, C)': [SequentialPass.gather], 'output errors': [SequentialPass.measure, SequentialPass.advance],
+            'split-half R_calib': [_split_half], 'solve (GPTQ + QEP)': [Method.solve],
+            'layer losses (report)': [layer_loss], 'V_int': [_v_raw]}
+
+# %% ../nbs/22_benchmark.ipynb #f32487f4
+def eval_parts(model, processor) -> dict[str, list[Callable]]:
+    "The disjoint parts of one `evaluate()` run of an encoder-decoder `model`, for `profile_parts`."
+    return {'log-mel features': [type(processor.feature_extractor).__call__],
+            'encoder': [type(model.get_encoder()).forward], 'decoder': [type(model.get_decoder()).forward],
+            'scoring (normalise + WER)': [wer_report]}
+
+# %% ../nbs/22_benchmark.ipynb #2ba7798f
+def _timed(fn):
+    t0 = time.perf_counter(); out = fn()
+    return out, time.perf_counter() - t0
+
+# %% ../nbs/22_benchmark.ipynb #62d8f778
+def _texts(res: dict) -> list[str]: return [h for r in res.values() for h in r.hyps]
+
+# %% ../nbs/22_benchmark.ipynb #ea3687d2
+def _wers(res: dict) -> dict: return {k: v.wer for k, v in res.items()}
+
+# %% ../nbs/22_benchmark.ipynb #fac5e932
+def _packed_vs_dense(lm, qm, rep, dense_res, ev, repeats: int = 3, n_timed: int = 20) -> dict:
+    """`qm` packed (fp32 scales, saved and reloaded) against its dense fake-quant self: the transcripts of every dev
+    utterance, and the seconds of `n_timed` utterances per set, dense and packed alternately `repeats` times (medians)."""
+    with tempfile.TemporaryDirectory() as td:
+        save_packed(pack_model(copy.deepcopy(qm), rep.solutions, scale_dtype=torch.float32), Path(td) / 'packed', lm.processor)
+        pm, _ = load_packed(Path(td) / 'packed')
+    a, b = _texts(dense_res), _texts(ev(pm))
+    sub = {k: list(load_dataset(k, 'dev', limit=n_timed)) for k in dense_res}
+    ts = {'dense': [], 'packed': []}
+    for _ in range(repeats):                                          # alternated: a drift in load hits both alike
+        for k, m in (('dense', qm), ('packed', pm)): ts[k].append(_timed(lambda: ev(m, sub))[1])
+    med = {k: float(np.median(v)) for k, v in ts.items()}
+    return dict(dense_seconds=med['dense'], packed_seconds=med['packed'], ratio=med['packed'] / med['dense'],
+                timed_utterances=sum(map(len, sub.values())), repeats=repeats,
+                identical=sum(x == y for x, y in zip(a, b)), utterances=len(a))
+
+# %% ../nbs/22_benchmark.ipynb #df2bd8bc
+def speed_suite(model=None, bits: int = 3, group_size: int = 128, seed: int = 0, n_calib: int | None = None, limit: int | None = None,
+                data=None, batch_size: int | None = None) -> dict:
+    """Time and profile quantization and evaluation of `model` (a `LoadedModel` or a `load_model` source; default the
+    bundled tiny.en) on the dev split of `data` (default every shipped set); returns the results as a dict. The recipes
+    are the `w{bits}g128` ones, at `group_size`."""
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    data, bs = [data] if isinstance(data, str) else list(data or shipped_datasets()), batch_size or DEFAULT_BATCH_SIZE
+    ev = lambda m, ds=None: evaluate(m, lm.processor, ds or data, split='dev', limit=limit, batch_size=bs, progress=False)
+    g = f'w{bits}g128'
+    runs = {'GPTQ': (f'gptq-{g}', {}), 'FADE (two passes)': (f'fade-{g}', {}),
+            'FADE (one pass)': (f'fade-{g}', {'fade_norm': 'noise_floor'})}
+    ov = dict(seed=seed, group_size=group_size, **({} if n_calib is None else dict(n_calib=n_calib)))
+    cfgs = {k: load_recipe(r, **ov, **o) for k, (r, o) in runs.items()}
+    c0 = cfgs['GPTQ']
+    calib = calibration_subset(c0.calib_data, c0.n_calib, c0.seed)
+    res = dict(model='Whisper tiny.en (bundled)' if model is None else lm.source, bits=bits, group_size=group_size, seed=seed, n_calib=len(calib), threads=torch.get_num_threads(),
+               load=os.getloadavg(), cpu=platform.processor() or platform.machine(), torch=torch.__version__, methods={})
+    ev(lm.model, {k: list(load_dataset(k, 'dev', limit=1)) for k in data[:1]})   # warm-up: the first call pays for set-up
+    fp_res, fp_s = _timed(lambda: ev(lm.model))
+    res['methods']['FP'] = dict(quant_seconds=0.0, eval_seconds=fp_s, dev=_wers(fp_res))
+    models = {}
+    for k, cfg in tqdm(cfgs.items(), desc='speed suite', disable=quiet()):
+        (qm, rep), qs = _timed(lambda: quantize_model(lm.model, calib, cfg, processor=lm.processor, progress=False))
+        r, es = _timed(lambda: ev(qm))
+        res['methods'][k] = dict(quant_seconds=qs, diagnostic_seconds=rep.diagnostic_seconds, eval_seconds=es, dev=_wers(r),
+                                 alphas={l.name: l.alpha for l in rep.layers})
+        models[k] = (qm, rep, r)
+    res['packed'] = _packed_vs_dense(lm, *models['FADE (two passes)'], ev, n_timed=limit or 20)
+    _, res['profile_quantize'] = profile_parts(
+        lambda: quantize_model(lm.model, calib, cfgs['FADE (two passes)'], processor=lm.processor, progress=False), quantize_parts())
+    _, res['profile_eval'] = profile_parts(lambda: ev(lm.model), eval_parts(lm.model, lm.processor))
+    res['n_dev'] = {k: len(v.ids) for k, v in fp_res.items()}
+    res['load_after'] = os.getloadavg()
+    return res
+
+# %% ../nbs/22_benchmark.ipynb #304dc094
+def speed_markdown(res: dict) -> str:
+    "The speed suite's result as Markdown: timings and ratios, dev WER, and the two profiles."
+    m, g = res['methods'], res['methods']['GPTQ']['quant_seconds']
+    out = [f"# Speed\n\n{res['model']}, W{res['bits']} g{res['group_size']}, seed {res['seed']}, {res['n_calib']} calibration utterances, "
+           f"{res['threads']} torch thread(s), {res['cpu']}, torch {res['torch']}; load average "
+           f"{res['load'][0]:.1f} before, {res['load_after'][0]:.1f} after. Dev utterances: "
+           + ', '.join(f'{k} {n}' for k, n in res['n_dev'].items()) + '.\n',
+           '| method | quantize (s) | ÷ GPTQ | of which diagnostic pass (s) | dev eval (s) | '
+           + ' | '.join(f'dev WER {k} (%)' for k in res['n_dev']) + ' |', '|---|---:|---:|---:|---:|' + '---:|' * len(res['n_dev'])]
+    for k, r in m.items():
+        q = '—' if k == 'FP' else f"{r['quant_seconds']:.1f}"
+        rat = '—' if k == 'FP' else f"{r['quant_seconds'] / g:.2f}"
+        out.append(f"| {k} | {q} | {rat} | {r.get('diagnostic_seconds', 0.0):.1f} | {r['eval_seconds']:.1f} | "
+                   + ' | '.join(f"{100 * r['dev'][d]:.2f}" for d in res['n_dev']) + ' |')
+    p = res['packed']
+    out += ['', f"Packed (QuantLinear, reloaded) against dense fake-quant, same FADE weights, {p['timed_utterances']} dev utterances, "
+            f"alternated {p['repeats']} times (medians): {p['packed_seconds']:.1f} s against {p['dense_seconds']:.1f} s, ratio "
+            f"{p['ratio']:.2f}. Identical transcripts on the whole dev split: {p['identical']} of {p['utterances']}."]
+    for name, prof in (('One FADE quantization', res['profile_quantize']), ('One FP evaluation (dev)', res['profile_eval'])):
+        out += ['', f"{name} under cProfile, {prof['total']:.1f} s in all:", '', '| part | seconds | share |', '|---|---:|---:|']
+        out += [f"| {k} | {v:.1f} | {100 * v / prof['total']:.0f} % |" for k, v in prof.items() if k != 'total']
+    return '\n'.join(out) + '\n'
+
+# %% ../nbs/22_benchmark.ipynb #60c2887b
+def plot_speed(res: dict, path=None):
+    "Two bars: where one FADE quantization and one FP evaluation spend their time."
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 2, figsize=(11, 3.2))
+    for ax, (title, prof) in zip(axs, (('FADE W%d quantization (two passes)' % res['bits'], res['profile_quantize']),
+                                       ('FP evaluation (dev)', res['profile_eval']))):
+        parts = [(k, v) for k, v in prof.items() if k != 'total' and v > 0]
+        left = 0.0
+        for i, (k, v) in enumerate(parts):
+            ax.barh(0, v, left=left, color=plt.cm.tab20(i), label=f'{k} ({v:.1f} s)'); left += v
+        ax.set_yticks([]); ax.set_xlabel('seconds (under cProfile)'); ax.set_title(title)
+        ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.42), ncol=2, frameon=False)
+    fig.tight_layout()
+    if path is not None: fig.savefig(path, dpi=110, bbox_inches='tight')
+    return fig
+
+# %% ../nbs/22_benchmark.ipynb #8c3fc425
+def write_speed_report(out_dir='bench/speed', res: dict | None = None, **kw) -> Path:
+    "Run `speed_suite(**kw)` (unless `res` is given) and write results.json, results.md and profile.png to `out_dir`, atomically."
+    res = res or speed_suite(**kw)
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / 'results.json', json.dumps(res, indent=1) + '\n')
+    atomic_write_text(out / 'results.md', speed_markdown(res))
+    import matplotlib.pyplot as plt
+    fig = plot_speed(res)
+    with tempfile.NamedTemporaryFile(dir=out, suffix='.png', delete=False) as f: fig.savefig(f.name, dpi=110, bbox_inches='tight')
+    os.replace(f.name, out / 'profile.png'); plt.close(fig)
+    return out

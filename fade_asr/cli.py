@@ -6,8 +6,8 @@ Docs: https://fade-asr.github.io/fade_asr/cli.html.md"""
 
 # %% auto #0
 __all__ = ['QUICK_FRACTION', 'BENCH_SUITES', 'evaluate_models', 'cached_evaluate', 'paired_lines', 'save_quantized',
-           'render_readme', 'cmd_eval', 'cmd_quantize', 'cmd_export', 'cmd_bench', 'cmd_bench_kernels', 'cmd_recipes',
-           'cmd_build_data', 'cmd_readme', 'build_parser', 'main']
+           'render_readme', 'cmd_eval', 'cmd_quantize', 'cmd_export', 'cmd_bench', 'cmd_bench_kernels',
+           'cmd_bench_speed', 'cmd_recipes', 'cmd_build_data', 'cmd_readme', 'build_parser', 'main']
 
 # %% ../nbs/23_cli.ipynb #60f30519
 import argparse, json, sys, time
@@ -238,6 +238,7 @@ def _export_compressed(a, out):
           "load it with transformers (compressed-tensors installed) or serve it with vLLM (4 and 8 bits)")
     return path
 
+# %% ../nbs/23_cli.ipynb #0b0f8553
 def cmd_export(a):
     "Write a model for a runtime: whisper.cpp's model file (a packed g32 checkpoint keeps its codes, an FP model gets whisper.cpp's own quantizer), or a packed checkpoint as compressed-tensors."
     from fade_asr.util import check_output_dir
@@ -283,13 +284,13 @@ def cmd_bench(a):
     "Run (or resume) the benchmark grid of a suite, then rebuild its tables and plots."
     import fade_asr.bench as B
     d = BENCH_SUITES[a.suite]
-    out, bits, seeds = a.out or d['out'], a.bits or d['bits'], a.seeds or d['seeds']
+    out, bits, seeds = a.out or d['out'] + ('' if a.split == 'test' else f'-{a.split}'), a.bits or d['bits'], a.seeds or d['seeds']
     suite, report = getattr(B, d['rows']), getattr(B, d['report'])
     if not a.report_only:
         B.run_bench(out, bits=bits, seeds=range(seeds), methods=a.methods, data=a.data, limit=a.limit,
-                    batch_size=a.batch_size, model=a.model, shard=_shard(a.shard), suite=suite, language=a.language, task=a.task,
+                    batch_size=a.batch_size, model=a.model, shard=_shard(a.shard), suite=suite, language=a.language, task=a.task, split=a.split,
                     **({} if a.fraction is None else dict(fraction=a.fraction)))
-        if a.suite == 'ggml' and not (Path(out) / 'speed.json').is_file(): B.ggml_speed(out, a.model)   # speed, apart from the WER runs
+        if a.suite == 'ggml' and a.split == 'test' and not (Path(out) / 'speed.json').is_file(): B.ggml_speed(out, a.model)   # speed, apart from the WER runs
     print(report(out, limit=a.limit))
 
 # %% ../nbs/23_cli.ipynb #920cdec6
@@ -305,6 +306,13 @@ def cmd_bench_kernels(a):
         e2e = load_model(a.model).model
     out = write_bench_kernels(a.out, e2e_model=e2e, bits=tuple(a.bits), **kw)
     print((out / 'results.md').read_text()); print(f'wrote {out}/results.json and results.md')
+
+# %% ../nbs/23_cli.ipynb #2e808c46
+def cmd_bench_speed(a):
+    "Profile and time quantization and evaluation (GPTQ, FADE in two passes and in one), dense against packed; dev split only."
+    from fade_asr.bench import write_speed_report
+    out = write_speed_report(a.out, model=a.model, bits=a.bits, group_size=a.group_size, seed=a.seed, n_calib=a.n_calib, limit=a.limit)
+    print((out / 'results.md').read_text()); print(f'wrote {out}/results.json, results.md and profile.png')
 
 # %% ../nbs/23_cli.ipynb #6fa2f677
 def cmd_recipes(a):
@@ -377,12 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--model', default=None, help='model for the end-to-end decoder latency (default: bundled tiny.en)')
     s.add_argument('--no-e2e', action='store_true', help='skip the end-to-end decoder latency')
     s.set_defaults(fn=cmd_bench_kernels)
+    s = sub.add_parser('bench-speed', help='where quantization and evaluation spend their time; GPTQ vs FADE, dense vs packed')
+    s.add_argument('--out', default='bench/speed', help='results.json, results.md and profile.png go here (default: bench/speed/)')
+    s.add_argument('--model', default=None, help='model (default: bundled tiny.en)')
+    s.add_argument('--bits', type=int, default=3); s.add_argument('--group-size', type=int, default=128)
+    s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--n-calib', type=int, default=None, help="calibration utterances (default: the recipe's)")
+    s.add_argument('--limit', type=int, default=None, help='dev utterances per set (default: all)')
+    s.set_defaults(fn=cmd_bench_speed)
     s = sub.add_parser('bench', help='benchmark every method over calibration seeds (resumable)')
     s.add_argument('--model', default=None); s.add_argument('--data', nargs='*', default=None)
     s.add_argument('--suite', choices=tuple(BENCH_SUITES), default='weights', help="weights: RTN/GPTQ/QEP/FADE at W3/W4 (bench/); activations: W8A8/W6A6/W4A4 calibrations and StableQuant (bench/act/); ggml: every method against whisper.cpp's own quantization, run in whisper.cpp (bench/ggml/)")
     s.add_argument('--bits', type=int, nargs='+', default=None, help='weight widths (default: 3 4 for weights, 8 6 4 for activations, 4 5 8 for ggml: Q4_1, Q5_1, Q8_0)')
     s.add_argument('--seeds', type=int, default=None, help='calibration seeds (default: 5 for weights, 3 for activations)')
     s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
+    s.add_argument('--split', choices=('test', 'dev'), default='test', help='test: a fixed share of each test split (the results); dev: the whole dev split, to choose between recipes without touching test speech (default --out: the suite folder plus -dev)')
     s.add_argument('--fraction', type=float, default=None, help="share of each test set scored, fixed by id hash (default: bench.BENCH_TEST_FRACTION, 0.5)")
     s.add_argument('--shard', default='0/1', help="i/n: run every n-th run from the i-th, to split the grid over n processes")
     lang_args(s)

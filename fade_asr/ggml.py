@@ -200,6 +200,7 @@ def _byte_decoder() -> dict[str, int]:
         if b not in bs: bs.append(b); cs.append(256 + extra); extra += 1
     return {chr(c): b for b, c in zip(bs, cs)}
 
+# %% ../nbs/20_ggml.ipynb #d68cd3f8
 def vocab_bytes(tokenizer) -> list[bytes]:
     "The raw bytes of each token id up to and including `<|endoftext|>`, as whisper.cpp's file lists them."
     eot = tokenizer.convert_tokens_to_ids('<|endoftext|>')
@@ -220,6 +221,7 @@ def _header(model: nn.Module, bt: BlockType | None) -> bytes:
                        c.encoder_layers, c.max_target_positions, c.d_model, c.decoder_attention_heads, c.decoder_layers,
                        c.num_mel_bins, ftype)
 
+# %% ../nbs/20_ggml.ipynb #0add1365
 def write_whisper_ggml(f, model: nn.Module, processor, bt: BlockType | None, solutions=None, progress: bool = False) -> int:
     "Write whisper.cpp's model file for a Whisper `model` to the binary file `f`; returns the bytes written."
     if model_family(model) != 'whisper':
@@ -285,6 +287,7 @@ def read_ggml(path) -> GgmlFile:
 # %% ../nbs/20_ggml.ipynb #05e2477b
 def ggml_file_name(bt: BlockType | None) -> str: return f"ggml-model-{'f16' if bt is None else bt.name}.bin"
 
+# %% ../nbs/20_ggml.ipynb #d237a659
 def export_ggml(model: nn.Module, processor, out_dir, fmt: str = 'q4_1', solutions: dict[str, QuantResult] | None = None,
                 overwrite: bool = False, info: dict | None = None, extra: dict[str, str] | None = None,
                 progress: bool = True) -> Path:
@@ -316,6 +319,7 @@ def solutions_from_packed(model: nn.Module) -> dict[str, QuantResult]:
         out[name] = QuantResult(W, codes, scales, zeros, ql.g_idx.clone(), spec)
     return out
 
+# %% ../nbs/20_ggml.ipynb #a0d679ab
 def unpack_model(model: nn.Module) -> dict[str, QuantResult]:
     "Replace every `QuantLinear` of a packed model by the float32 `nn.Linear` it decodes to, in place; returns their solutions."
     sols = solutions_from_packed(model)
@@ -337,6 +341,7 @@ def _quiet_stderr():
     try: os.dup2(null, 2); yield
     finally: os.dup2(saved, 2); os.close(saved); os.close(null)
 
+# %% ../nbs/20_ggml.ipynb #a59fdb76
 class WhisperCpp:
     "A whisper.cpp model (through `pywhispercpp`) that transcribes 16 kHz float32 audio, one utterance at a time."
     def __init__(self, path, threads: int = 2, language: str = 'en'):

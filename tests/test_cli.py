@@ -98,3 +98,17 @@ def test_fp_results_are_decoded_once(tmp_path, monkeypatch):
     for f in (tmp_path / 'cache' / 'eval').iterdir(): f.write_text('{')      # damaged entries: decoded again
     cached_evaluate(lm.model, lm.processor, ds)
     assert len(calls) == 3
+
+
+def test_bench_speed_writes_its_report(tmp_path):
+    "The speed suite through the CLI, on a saved tiny random Whisper: the report, its profile plot, and a packed model that decodes as its dense self."
+    from fade_asr.testing import tiny_random_whisper
+    from fade_asr.whisper import whisper_default_processor
+    m = tiny_random_whisper(); d = tmp_path / 'w'
+    m.save_pretrained(d); whisper_default_processor(m).save_pretrained(d)
+    r = run_cli('bench-speed', '--model', str(d), '--group-size', '32', '--n-calib', '4', '--limit', '2', '--out', str(tmp_path / 's'))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / 's' / 'results.json').read_text())
+    assert res['n_calib'] == 4 and res['n_dev'] == {'asterisk': 2, 'harvard': 2}
+    assert res['packed']['identical'] == res['packed']['utterances'] == 4
+    assert (tmp_path / 's' / 'profile.png').stat().st_size > 0 and 'FADE (one pass)' in r.stdout
