@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .util import atomic_write_text, quiet
+from .util import atomic_dir, atomic_write_text, check_output_dir, quiet
 from .quantizer import QuantSpec, rtn
 from .gptq import gptq, layer_loss
 from .pack_format import pack_layer
@@ -856,14 +856,14 @@ def plot_speed(res: dict, path=None):
     return fig
 
 # %% ../nbs/22_benchmark.ipynb #8c3fc425
-def write_speed_report(out_dir='bench/speed', res: dict | None = None, **kw) -> Path:
-    "Run `speed_suite(**kw)` (unless `res` is given) and write results.json, results.md and profile.png to `out_dir`, atomically."
-    res = res or speed_suite(**kw)
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / 'results.json', json.dumps(res, indent=1) + '\n')
-    atomic_write_text(out / 'results.md', speed_markdown(res))
+def write_speed_report(out_dir='bench/speed', res: dict | None = None, overwrite: bool = False, **kw) -> Path:
+    """Run `speed_suite(**kw)` (unless `res` is given) and write results.json, results.md and profile.png as the folder
+    `out_dir`, atomically; an earlier report there is replaced only with `overwrite` (never a folder of your own)."""
     import matplotlib.pyplot as plt
-    fig = plot_speed(res)
-    with tempfile.NamedTemporaryFile(dir=out, suffix='.png', delete=False) as f: fig.savefig(f.name, dpi=110, bbox_inches='tight')
-    os.replace(f.name, out / 'profile.png'); plt.close(fig)
-    return out
+    check_output_dir(out_dir, overwrite)                              # refuse before the work, not after
+    res = res or speed_suite(**kw)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        (tmp / 'results.json').write_text(json.dumps(res, indent=1) + '\n')
+        (tmp / 'results.md').write_text(speed_markdown(res))
+        fig = plot_speed(res); fig.savefig(tmp / 'profile.png', dpi=110, bbox_inches='tight'); plt.close(fig)
+    return Path(out_dir)

@@ -311,7 +311,8 @@ def cmd_bench_kernels(a):
 def cmd_bench_speed(a):
     "Profile and time quantization and evaluation (GPTQ, FADE in two passes and in one), dense against packed; dev split only."
     from fade_asr.bench import write_speed_report
-    out = write_speed_report(a.out, model=a.model, bits=a.bits, group_size=a.group_size, seed=a.seed, n_calib=a.n_calib, limit=a.limit)
+    out = write_speed_report(a.out, model=a.model, bits=a.bits, group_size=a.group_size, seed=a.seed, n_calib=a.n_calib, limit=a.limit,
+                             overwrite=a.overwrite)
     print((out / 'results.md').read_text()); print(f'wrote {out}/results.json, results.md and profile.png')
 
 # %% ../nbs/23_cli.ipynb #6fa2f677
@@ -392,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--seed', type=int, default=0)
     s.add_argument('--n-calib', type=int, default=None, help="calibration utterances (default: the recipe's)")
     s.add_argument('--limit', type=int, default=None, help='dev utterances per set (default: all)')
+    s.add_argument('--overwrite', action='store_true', help='replace an earlier speed report in --out (never a folder of your own)')
     s.set_defaults(fn=cmd_bench_speed)
     s = sub.add_parser('bench', help='benchmark every method over calibration seeds (resumable)')
     s.add_argument('--model', default=None); s.add_argument('--data', nargs='*', default=None)
