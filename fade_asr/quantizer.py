@@ -65,6 +65,7 @@ def _round(w, scale, zero, free: bool):
     "The unclamped code of `w`: `round(w/scale) + zero` on an integer-zero grid, `round(w/scale + zero)` on a free one."
     return torch.round(w / scale + zero) if free else torch.round(w / scale) + zero
 
+# %% ../nbs/02_quantizer.ipynb #3ad41ad5
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, free: bool = False) -> torch.Tensor:
     "Integer codes `clamp(round(w/scale) + zero, 0, maxq)` (round half to even) as int32. `scale`, `zero` broadcast against `w`; `free`: a real-valued zero."
     return torch.clamp(_round(w, scale, zero, free), 0, maxq).to(torch.int32)

@@ -71,8 +71,10 @@ def basic_normalizer():
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer
     return BasicTextNormalizer()
 
+# %% ../nbs/14_scoring.ipynb #054f3cae
 def is_english(lang: str | None) -> bool: return lang is None or str(lang).lower().split('-')[0].split('_')[0] in ('en', 'english')
 
+# %% ../nbs/14_scoring.ipynb #ac786528
 def normalizer_for(lang: str | None) -> Callable[[str], str]:
     "Whisper's English normaliser for English (`None`, 'en', 'en-US'), its basic one for every other language."
     return normalize if is_english(lang) else basic_normalizer()

@@ -57,10 +57,12 @@ def _check_output_dir(out: Path, overwrite: bool) -> Path:
                               "it, or choose another output folder")
     return out
 
+# %% ../nbs/00_util.ipynb #2f0d94dc
 def _ino(p: Path):
     try: return os.stat(p).st_ino
     except FileNotFoundError: return None
 
+# %% ../nbs/00_util.ipynb #021b69de
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     "`out_dir` as a Path if `atomic_dir` may (re)place it; a clear error if that would lose anything that is not ours."
     out = Path(out_dir)
