@@ -7,12 +7,13 @@ Docs: https://fade-asr.github.io/fade_asr/gptq.html.md"""
 # %% ../nbs/03_gptq.ipynb #8b327b3d
 from __future__ import annotations
 import warnings
+from contextlib import contextmanager
 import torch
 from .quantizer import (QuantSpec, QuantResult, find_params, quantize_codes, dequantize, fake_quant,
                                 compute_dtype, check_finite)
 
 # %% auto #0
-__all__ = ['layer_loss', 'inverse_hessian_factor', 'gptq', 'gptq_columnwise']
+__all__ = ['layer_loss', 'inverse_hessian_factor', 'one_thread', 'gptq', 'gptq_columnwise']
 
 # %% ../nbs/03_gptq.ipynb #fd82f47a
 def _check_inputs(W: torch.Tensor, H: torch.Tensor, name: str | None) -> None:
@@ -94,7 +95,17 @@ def _finish(Q, codes, scales, zeros, perm, static, G, spec, W0, H0):
         Q, codes = Q[:, inv], codes[:, inv]
     return QuantResult(Q, codes, scales, zeros, g_idx, spec, layer_loss(W0, Q, H0))
 
+# %% ../nbs/03_gptq.ipynb #140c4bc7
+@contextmanager
+def one_thread():
+    "Run the block (or, as `@one_thread()`, the function) on one CPU thread, restoring torch's thread count after."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try: yield
+    finally: torch.set_num_threads(n)
+
 # %% ../nbs/03_gptq.ipynb #b97feee2
+@one_thread()
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec = QuantSpec(), blocksize: int = 128,
          percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
          max_percdamp: float = 1.0, name: str | None = None) -> QuantResult:

@@ -441,6 +441,21 @@ def test_real_tiny_en_fade(real):
     assert len(ref & got) >= 0.5 * len(ref), (hyp, cal[0].text)
 
 
+def test_same_model_on_one_and_two_threads(real):
+    "One recipe and seed give the same codes on 1 and 2 threads: the solve runs on one thread (03_gptq's `one_thread`)."
+    lm, cal = real
+    old, states = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            qm, _ = quantize(lm.model, cal, 'fade-w3g128', processor=lm.processor, progress=False,
+                             include=['model.encoder.layers.[01].*'])      # two blocks: enough to flip codes
+            states.append(qm.state_dict())
+    finally: torch.set_num_threads(old)
+    differ = [k for k in states[0] if not torch.equal(states[0][k], states[1][k])]
+    assert not differ, f"{len(differ)} tensors differ between 1 and 2 threads, first {differ[:3]}"
+
+
 def test_gptq_solver_dispatch():
     "CPU weights take the torch GPTQ loop; CUDA weights would take the fused block kernel (07_kernels)."
     from fade_asr import gptq as g, kernels as k
