@@ -278,12 +278,15 @@ def _shard(text: str) -> tuple[int, int]:
 # %% ../nbs/23_cli.ipynb #de4e0d8f
 BENCH_SUITES = {'weights': dict(out='bench', bits=[3, 4], seeds=5, rows='default_methods', report='write_report'),
                 'activations': dict(out='bench/act', bits=[8, 6, 4], seeds=3, rows='act_methods', report='write_act_report'),
-                'ggml': dict(out='bench/ggml', bits=[4, 5, 8], seeds=3, rows='ggml_methods', report='write_ggml_report')}
+                'ggml': dict(out='bench/ggml', bits=[4, 5, 8], seeds=3, rows='ggml_methods', report='write_ggml_report'),
+                'base': dict(out='bench/base', bits=[3, 4], seeds=3, rows='base_methods', report='write_base_report', dev_only=True)}
 
 def cmd_bench(a):
     "Run (or resume) the benchmark grid of a suite, then rebuild its tables and plots."
     import fade_asr.bench as B
     d = BENCH_SUITES[a.suite]
+    if d.get('dev_only') and a.split != 'dev':
+        sys.exit(f"the {a.suite} suite chooses a default, and choices are never made on test speech: add --split dev")
     out, bits, seeds = a.out or d['out'] + ('' if a.split == 'test' else f'-{a.split}'), a.bits or d['bits'], a.seeds or d['seeds']
     suite, report = getattr(B, d['rows']), getattr(B, d['report'])
     if not a.report_only:
@@ -397,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_bench_speed)
     s = sub.add_parser('bench', help='benchmark every method over calibration seeds (resumable)')
     s.add_argument('--model', default=None); s.add_argument('--data', nargs='*', default=None)
-    s.add_argument('--suite', choices=tuple(BENCH_SUITES), default='weights', help="weights: RTN/GPTQ/QEP/FADE at W3/W4 (bench/); activations: W8A8/W6A6/W4A4 calibrations and StableQuant (bench/act/); ggml: every method against whisper.cpp's own quantization, run in whisper.cpp (bench/ggml/)")
+    s.add_argument('--suite', choices=tuple(BENCH_SUITES), default='weights', help="weights: RTN/GPTQ/QEP/FADE at W3/W4 (bench/); activations: W8A8/W6A6/W4A4 calibrations and StableQuant (bench/act/); ggml: every method against whisper.cpp's own quantization, run in whisper.cpp (bench/ggml/); base: GPTQ with act-order, MSE, g64 and g32, on dev only (bench/base-dev/)")
     s.add_argument('--bits', type=int, nargs='+', default=None, help='weight widths (default: 3 4 for weights, 8 6 4 for activations, 4 5 8 for ggml: Q4_1, Q5_1, Q8_0)')
     s.add_argument('--seeds', type=int, default=None, help='calibration seeds (default: 5 for weights, 3 for activations)')
     s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')

@@ -34,6 +34,7 @@ def test_every_shipped_recipe_loads():
     (['bench', '--shard', '2/2'], 'need 0 <= i < n'),
     (['quantize', '--calib-data', 'libri:/x', '--limit', '1'], "unknown corpus kind 'libri'"),
     (['bench', '--shard', 'half'], 'write it as i/n'),
+    (['bench', '--suite', 'base'], 'never made on test speech: add --split dev'),
 ])
 def test_clear_errors(args, msg):
     r = run_cli(*args)
