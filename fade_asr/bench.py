@@ -39,7 +39,8 @@ from .pipeline import Method, SequentialPass, _run, _split_half, _v_raw, prepare
 from .stablequant import quantize_model
 from .packing import QuantLinear, load_packed, pack_model, save_packed
 from .actquant import PART_COLOURS, layer_part
-from .scoring import torch_threads, transcribe
+from .gptq import torch_threads
+from .scoring import transcribe
 from .ggml import WhisperCpp, evaluate_ggml, export_ggml
 
 # %% ../nbs/22_benchmark.ipynb #b875170c

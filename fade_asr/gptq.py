@@ -13,7 +13,7 @@ from .quantizer import (QuantSpec, QuantResult, find_params, quantize_codes, deq
                                 compute_dtype, check_finite)
 
 # %% auto #0
-__all__ = ['layer_loss', 'inverse_hessian_factor', 'one_thread', 'gptq', 'gptq_columnwise']
+__all__ = ['layer_loss', 'inverse_hessian_factor', 'torch_threads', 'gptq', 'gptq_columnwise']
 
 # %% ../nbs/03_gptq.ipynb #fd82f47a
 def _check_inputs(W: torch.Tensor, H: torch.Tensor, name: str | None) -> None:
@@ -97,15 +97,19 @@ def _finish(Q, codes, scales, zeros, perm, static, G, spec, W0, H0):
 
 # %% ../nbs/03_gptq.ipynb #140c4bc7
 @contextmanager
-def one_thread():
-    "Run the block (or, as `@one_thread()`, the function) on one CPU thread, restoring torch's thread count after."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def torch_threads(n: int | None):
+    "Temporarily set `torch.set_num_threads(n)` (no-op for `None`); as `@torch_threads(1)`, for every call of a function."
+    if n is None:
+        yield; return
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1, got {n}.")
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
     try: yield
-    finally: torch.set_num_threads(n)
+    finally: torch.set_num_threads(old)
 
 # %% ../nbs/03_gptq.ipynb #b97feee2
-@one_thread()
+@torch_threads(1)
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec = QuantSpec(), blocksize: int = 128,
          percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
          max_percdamp: float = 1.0, name: str | None = None) -> QuantResult:

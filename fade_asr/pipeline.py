@@ -17,7 +17,7 @@ from fastcore.basics import patch
 
 from .util import atomic_write_text, quiet
 from .quantizer import QuantResult, compute_dtype, rtn
-from .gptq import gptq, layer_loss, one_thread
+from .gptq import gptq, layer_loss, torch_threads
 from .qep import LayerStats, qep_correction, qep_delta
 from . import fade as F
 from .kernels import gptq_gpu
@@ -471,7 +471,7 @@ def solve(self: SequentialPass, fb, qb, r: str, st: LayerStats, dev, t_collect: 
     mom = st.merged(); H = mom.H
     W = fb.linear(r).weight.detach().to(torch.float32)
     rec.n_tokens, rec.dead_inputs = int(mom.N), int((torch.diagonal(H) == 0).sum())
-    with one_thread():                                 # the same R, α and codes on any thread count (03_gptq)
+    with torch_threads(1):                             # the same R, α and codes on any thread count (03_gptq)
         if self.split_half and self.method.diagnoses:
             rec.r_calib, rec.r_cos = (float(v) for v in _split_half(W, st, cfg, rec.name))
         res = self.method.solve(W, mom, rec, dev)

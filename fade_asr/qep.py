@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass
 import torch
 from .quantizer import compute_dtype, check_finite
-from .gptq import one_thread
+from .gptq import torch_threads
 
 # %% auto #0
 __all__ = ['Moments', 'LayerStats', 'qep_delta', 'qep_correction']
@@ -85,7 +85,7 @@ class LayerStats:
         return Moments(H, C, N)
 
 # %% ../nbs/04_qep.ipynb #e62e6dc2
-@one_thread()                 # the same ΔW on any thread count (03_gptq)
+@torch_threads(1)             # the same ΔW on any thread count (03_gptq)
 def qep_delta(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 1.0, relative: bool = True,
               name: str | None = None) -> torch.Tensor:
     "The full QEP correction ΔW = W C (H + λ_c I)⁻¹, λ_c = damp·mean(diag H) (or `damp` itself if not `relative`)."

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .util import quiet
+from .gptq import torch_threads
 from .data import load_dataset
 from .families import find_family, generate_batch
 from .models import get_adapter
@@ -31,9 +32,9 @@ from .models import get_adapter
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'WINDOW_SECONDS', 'DEFAULT_BATCH_SIZE', 'MAX_TOKENS_PER_S', 'MIN_TOKEN_BUDGET', 'english_spelling_map',
            'english_normalizer', 'normalize', 'basic_normalizer', 'is_english', 'normalizer_for', 'EmptyReferenceError',
-           'WerStats', 'wer_report', 'split_long_audio', 'torch_threads', 'token_budget', 'transcribe', 'EvalResult',
-           'evaluate_with', 'evaluate', 'results_table', 'results_json', 'load_results_json', 'BootstrapResult',
-           'paired_bootstrap', 'worst_utterances', 'wer_excluding_worst']
+           'WerStats', 'wer_report', 'split_long_audio', 'token_budget', 'transcribe', 'EvalResult', 'evaluate_with',
+           'evaluate', 'results_table', 'results_json', 'load_results_json', 'BootstrapResult', 'paired_bootstrap',
+           'worst_utterances', 'wer_excluding_worst']
 
 # %% ../nbs/14_scoring.ipynb #94e3d328
 def _asset_path(*parts: str) -> Path:
@@ -185,19 +186,6 @@ def split_long_audio(audio: np.ndarray, max_s: float = WINDOW_SECONDS, search_s:
         pieces.append(audio[start:cut]); start = cut
     pieces.append(audio[start:])
     return pieces
-
-# %% ../nbs/14_scoring.ipynb #2e6508b4
-@contextmanager
-def torch_threads(n: int | None):
-    "Temporarily set `torch.set_num_threads(n)` (no-op for `None`)."
-    if n is None:
-        yield; return
-    if n < 1:
-        raise ValueError(f"num_threads must be >= 1, got {n}.")
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try: yield
-    finally: torch.set_num_threads(old)
 
 # %% ../nbs/14_scoring.ipynb #cdcc249d
 def _default_threads() -> int | None:

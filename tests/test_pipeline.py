@@ -442,7 +442,7 @@ def test_real_tiny_en_fade(real):
 
 
 def test_same_model_on_one_and_two_threads(real):
-    "One recipe and seed give the same codes on 1 and 2 threads: the solve runs on one thread (03_gptq's `one_thread`)."
+    "One recipe and seed give the same codes on 1 and 2 threads: the solve runs on one thread (03_gptq's `torch_threads(1)`)."
     lm, cal = real
     old, states = torch.get_num_threads(), []
     try:
