@@ -549,8 +549,12 @@ def write_ggml_report(out_dir='bench/ggml', limit: int | None = None) -> str:
 
 # %% ../nbs/22_benchmark.ipynb #7ce170b3
 def base_methods(bits: int) -> list[BenchMethod]:
-    "The base suite's rows: GPTQ at `bits` bits with each base-quantizer setting alone, then in pairs, then all three."
+    """The base suite's rows: GPTQ at `bits` bits with each base-quantizer setting alone, then in pairs, then all three;
+    then QEP official and FADE (two passes; one pass with R against its noise floor, or as a reliability) on the best,
+    to see whether their corrections still pay on a better grid; and the dev oracle on both grids, to see what α
+    each layer wants as the error changes (it chooses α on dev, so its dev WER is not a fair score)."""
     ao = (('act_order', True), ('static_groups', True))
+    best = ao + (('group_size', 32), ('mse', True))
     return [BenchMethod('FP', 'fp', seeded=False),
             BenchMethod('GPTQ g128', f'gptq-w{bits}g128'),
             BenchMethod('GPTQ g128 act-order', f'gptq-w{bits}g128', ao),
@@ -559,10 +563,19 @@ def base_methods(bits: int) -> list[BenchMethod]:
             BenchMethod('GPTQ g32', f'gptq-w{bits}g128', (('group_size', 32),)),
             BenchMethod('GPTQ g128 act-order + MSE', f'gptq-w{bits}g128', ao + (('mse', True),)),
             BenchMethod('GPTQ g64 MSE', f'gptq-w{bits}g128', (('group_size', 64), ('mse', True))),
-            BenchMethod('GPTQ g32 act-order + MSE', f'gptq-w{bits}g128', ao + (('group_size', 32), ('mse', True)))]
+            BenchMethod('GPTQ g32 act-order + MSE', f'gptq-w{bits}g128', best),
+            BenchMethod('QEP official g32 act-order + MSE', f'qep-official-w{bits}g128', best),
+            BenchMethod('FADE g32 act-order + MSE', f'fade-w{bits}g128', best),
+            BenchMethod('FADE one-pass g32 act-order + MSE', f'fade-w{bits}g128', best + (('fade_norm', 'noise_floor'),)),
+            BenchMethod('FADE reliability g32 act-order + MSE', f'fade-w{bits}g128', best + (('fade_norm', 'reliability'),)),
+            BenchMethod('oracle α g128', f'fade-w{bits}g128', (('method', 'oracle'),)),
+            BenchMethod('oracle α g32 act-order + MSE', f'fade-w{bits}g128', best + (('method', 'oracle'),))]
 
-BASE_PAIRS = tuple(('GPTQ g128', m) for m in ('GPTQ g128 act-order', 'GPTQ g128 MSE', 'GPTQ g64', 'GPTQ g32',
-                                              'GPTQ g128 act-order + MSE', 'GPTQ g64 MSE', 'GPTQ g32 act-order + MSE'))
+_GRIDS = ('GPTQ g128 act-order', 'GPTQ g128 MSE', 'GPTQ g64', 'GPTQ g32', 'GPTQ g128 act-order + MSE', 'GPTQ g64 MSE',
+          'GPTQ g32 act-order + MSE')
+BASE_PAIRS = tuple(('GPTQ g128', m) for m in _GRIDS) + tuple(
+    (m, f) for f in ('FADE g32 act-order + MSE', 'FADE one-pass g32 act-order + MSE', 'FADE reliability g32 act-order + MSE')
+    for m in ('GPTQ g32 act-order + MSE', 'QEP official g32 act-order + MSE'))
 
 # %% ../nbs/22_benchmark.ipynb #4d5309b9
 def plot_base(runs, dataset: str, ax=None):
@@ -580,7 +593,7 @@ def plot_base(runs, dataset: str, ax=None):
     fp = [r for r in summary_rows(runs, methods=base_methods) if r['dataset'] == dataset and r['label'] == 'FP']
     if fp: ax.axhline(fp[0]['mean'], color='k', ls=':', lw=1, label='FP')
     ax.set_xticks(range(len(labels)), [l.replace('GPTQ ', '') for l in labels], rotation=20, fontsize=7)
-    ax.set(ylabel='dev WER %', title=f'the base quantizer (GPTQ), dev split — {dataset}')
+    ax.set(ylabel='dev WER %', title=f'the base quantizer, dev split — {dataset}')
     ax.legend(fontsize=7); ax.grid(alpha=.3, axis='y')
     return ax
 
@@ -590,7 +603,7 @@ def write_base_report(out_dir='bench/base-dev', limit: int | None = None) -> str
     import matplotlib.pyplot as plt
     out, runs = _report_runs(out_dir, limit, 'fade-asr bench --suite base --split dev')
     md = ['## Dev WER (mean ± std over calibration seeds)', summary_table(runs, methods=base_methods, k_worst=3), '',
-          '## Paired comparisons (each setting against the plain g128 grid)', paired_table(runs, pairs=BASE_PAIRS)]
+          '## Paired comparisons (each grid against the plain g128 one; FADE against GPTQ and QEP official on the best grid)', paired_table(runs, pairs=BASE_PAIRS)]
     for ds in dict.fromkeys(d for r in runs for d in r['results']):
         fig, ax = plt.subplots(figsize=(8, 3.6)); plot_base(runs, ds, ax); fig.tight_layout(); fig.savefig(out/f'base_{ds}.png', dpi=110); plt.close(fig)
     atomic_write_text(out/'results.md', '\n'.join(md) + '\n')

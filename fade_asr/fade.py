@@ -14,8 +14,8 @@ from .quantizer import QuantSpec, rtn, check_finite
 from .qep import qep_delta
 
 # %% auto #0
-__all__ = ['v_int', 'excess_kurtosis', 'r_calib', 'r_noise_floor', 'r_score_one_pass', 'zscore', 'alpha_from_score',
-           'fade_scores', 'fade_alphas']
+__all__ = ['v_int', 'excess_kurtosis', 'r_calib', 'r_noise_floor', 'r_score_one_pass', 'h_cosine', 'r_score_reliability',
+           'zscore', 'alpha_from_score', 'fade_scores', 'fade_alphas']
 
 # %% ../nbs/05_fade.ipynb #7c3a58f8
 _FLOOR = 1e-12
@@ -83,6 +83,20 @@ def r_noise_floor(d_in: int, n_tokens: int, snr: float = 1.0, damp: float = 1.0,
 def r_score_one_pass(r: float | None, d_in: int, n_tokens: int, snr: float = 1.0, scale: float = 0.5) -> float:
     "Optional one-pass normaliser: (R − r_noise_floor(d_in, n_tokens, snr)) / scale; None (uninformative) -> 0."
     return 0.0 if r is None else (r - r_noise_floor(d_in, n_tokens, snr)) / scale
+
+# %% ../nbs/05_fade.ipynb #229bf8a0
+def h_cosine(dW_a: torch.Tensor, dW_b: torch.Tensor, H: torch.Tensor) -> float | None:
+    "cos(ΔW_A, ΔW_B) in the input metric ⟨A, B⟩_H = tr(A H Bᵀ); None if either correction has no energy there."
+    a, b, H = dW_a.double(), dW_b.double(), H.double()
+    ab, aa, bb = (float(((x @ H) * y).sum()) for x, y in ((a, b), (a, a), (b, b)))
+    return None if min(aa, bb) <= 1e-300 else ab / math.sqrt(aa * bb)
+
+# %% ../nbs/05_fade.ipynb #06c9e31e
+def r_score_reliability(cos_h: float | None, eps: float = 1e-3) -> float:
+    "Absolute one-pass R score: the logit of the Spearman–Brown reliability ρ = 2cos/(1+cos) (clipped to [eps, 1 − eps]); None -> 0."
+    if cos_h is None or not math.isfinite(cos_h): return 0.0
+    rho = min(max(2 * cos_h / (1 + cos_h) if cos_h > 0 else 0.0, eps), 1 - eps)
+    return math.log(rho / (1 - rho))
 
 # %% ../nbs/05_fade.ipynb #08711a6d
 def zscore(values: Sequence[float]) -> list[float]:

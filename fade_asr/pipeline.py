@@ -45,6 +45,7 @@ class LayerRecord:
     v_int_z: float = float('nan')
     r_calib: float = float('nan')
     r_cos: float = float('nan')
+    r_cos_h: float = float('nan')
     r_z: float = float('nan')
     loss: float = float('nan')
     loss_rtn: float = float('nan')
@@ -177,15 +178,17 @@ def _run(adapter, block, hidden, kw):
 def _stats(n_in: int) -> LayerStats: return LayerStats(n_in)
 
 # %% ../nbs/16_pipeline.ipynb #c9a846d5
-def _split_half(W, st, cfg: QuantConfig, name: str) -> tuple[float, float]:
-    "FADE's raw R_calib and the cosine for one layer, from the two halves' full (α = 1) QEP corrections."
-    if not st.has_halves(): return float('nan'), float('nan')
+def _split_half(W, st, cfg: QuantConfig, name: str, H=None) -> tuple[float, float, float]:
+    """FADE's raw R_calib, the cosine and the cosine in the metric of `H` (the merged inputs' moment) for one layer,
+    from the two halves' full (α = 1) QEP corrections; NaN where a correction is zero (no upstream error: δ = 0)."""
+    if not st.has_halves(): return float('nan'), float('nan'), float('nan')
     A, B = st.half(0), st.half(1)
     dA = qep_delta(W, A.H, A.C, damp=cfg.qep_damp, relative=True, name=f"{name} (half A)")
     dB = qep_delta(W, B.H, B.C, damp=cfg.qep_damp, relative=True, name=f"{name} (half B)")
     na, nb = float(dA.double().norm()), float(dB.double().norm())
     cos = float((dA.double().flatten() @ dB.double().flatten()) / (na * nb)) if na > 0 and nb > 0 else float('nan')
-    return F.r_calib(dA, dB), cos     # cos is NaN where a correction is zero (no upstream error: delta = 0)
+    ch = F.h_cosine(dA, dB, H) if H is not None and math.isfinite(cos) else None
+    return F.r_calib(dA, dB), cos, float('nan') if ch is None else ch
 
 # %% ../nbs/16_pipeline.ipynb #bb09dffb
 def _gptq_solver(W: torch.Tensor):
@@ -473,7 +476,7 @@ def solve(self: SequentialPass, fb, qb, r: str, st: LayerStats, dev, t_collect: 
     rec.n_tokens, rec.dead_inputs = int(mom.N), int((torch.diagonal(H) == 0).sum())
     with torch_threads(1):                             # the same R, α and codes on any thread count (03_gptq)
         if self.split_half and self.method.diagnoses:
-            rec.r_calib, rec.r_cos = (float(v) for v in _split_half(W, st, cfg, rec.name))
+            rec.r_calib, rec.r_cos, rec.r_cos_h = (float(v) for v in _split_half(W, st, cfg, rec.name, H))
         res = self.method.solve(W, mom, rec, dev)
         rec.loss = float(layer_loss(W, res.weight, H))
         rec.loss_rtn = float(layer_loss(W, rtn(W, cfg.spec).weight, H))
@@ -488,7 +491,8 @@ def _v_raw(adapter: ModelAdapter, cfg: QuantConfig) -> dict[str, float]:
 
 # %% ../nbs/16_pipeline.ipynb #9b2feb94
 class FADE(Method):
-    "FADE: a per-layer α from the z-scores of V_int (weights) and R_calib (split-half agreement of the correction)."
+    """FADE: a per-layer α from V_int (weights, z-scored) and R_calib (split-half agreement of the correction): z-scored
+after a diagnostic pass (`fade_norm = 'diagnostic'`), or in one pass against its noise floor or as a reliability."""
     def prepare(self, model, adapter, windows, v_raw, progress):
         cfg, t1 = self.cfg, time.time()
         if cfg.fade_use_r and {w.half for w in windows} != {'A', 'B'}:
@@ -509,9 +513,11 @@ class FADE(Method):
 
     def alpha(self, rec, mom):
         if rec.name in self.alphas: return self.alphas[rec.name]
-        # fade_norm='noise_floor': the V z-score is known now, R is normalised against its chance level
+        # one pass: the V z-score is known now; R is scored on an absolute scale
         cfg, r = self.cfg, rec.r_calib if math.isfinite(rec.r_cos) else None
-        s = (self.v_z[rec.name] if cfg.fade_use_v else 0.0) + F.r_score_one_pass(r, rec.shape[1], max(rec.n_tokens // 2, 1))
+        if cfg.fade_norm == 'reliability': sr = F.r_score_reliability(rec.r_cos_h if math.isfinite(rec.r_cos_h) else None)
+        else: sr = F.r_score_one_pass(r, rec.shape[1], max(rec.n_tokens // 2, 1))        # 'noise_floor'
+        s = (self.v_z[rec.name] if cfg.fade_use_v else 0.0) + sr
         return F.alpha_from_score(s, cfg.alpha_min, cfg.alpha_max)
 
 # %% ../nbs/16_pipeline.ipynb #1f0a182b

@@ -69,7 +69,7 @@ class QuantConfig:
     alpha_max: float = 0.9
     fade_use_v: bool = True              # ablations: use V_int / R_calib in the FADE score
     fade_use_r: bool = True
-    fade_norm: str = 'diagnostic'        # how R_calib is normalised: 'diagnostic' (two passes) | 'noise_floor'
+    fade_norm: str = 'diagnostic'        # how R_calib is scored: 'diagnostic' (z-score, two passes) | 'noise_floor' | 'reliability' (one pass)
     alpha_override: dict[str, float] = field(default_factory=dict)  # fixed per-layer alpha; name or pattern (wins over every method's choice)
     oracle_grid: tuple[float, ...] = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # oracle ablation: the alphas tried per layer (FADE's range)
     dev_split: str = 'dev'               # split of calib_data that the oracle's alphas and StableQuant's choices are made on (never 'test')
@@ -103,8 +103,8 @@ class QuantConfig:
         if not 0.0 <= self.alpha <= 1.0: raise ValueError(f"alpha={self.alpha} must lie in [0, 1]")
         if not 0.0 <= self.alpha_min <= self.alpha_max <= 1.0:
             raise ValueError(f"need 0 <= alpha_min <= alpha_max <= 1, got {self.alpha_min}, {self.alpha_max}")
-        if self.fade_norm not in ('diagnostic', 'noise_floor'):
-            raise ValueError(f"fade_norm must be 'diagnostic' or 'noise_floor', not {self.fade_norm!r}")
+        if self.fade_norm not in ('diagnostic', 'noise_floor', 'reliability'):
+            raise ValueError(f"fade_norm must be 'diagnostic', 'noise_floor' or 'reliability', not {self.fade_norm!r}")
         if self.teacher not in ('reference', 'greedy'):
             raise ValueError(f"teacher must be 'reference' or 'greedy', not {self.teacher!r}")
         if self.qep_damp < 0 or self.percdamp < 0: raise ValueError("qep_damp and percdamp must be >= 0")

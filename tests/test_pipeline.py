@@ -160,6 +160,18 @@ def test_fade_alphas_and_diagnostics(tiny, calib):
     assert all(0.0 <= r.alpha <= 0.9 for r in rn.layers)
 
 
+def test_fade_reliability_is_one_pass_and_absolute(tiny, calib):
+    "fade_norm='reliability': no diagnostic pass, and α = α_max·σ(z(V) + logit ρ) from each layer's own H-cosine."
+    from fade_asr.fade import alpha_from_score, r_score_reliability
+    _, rep = quantize(tiny, calib, QuantConfig.make(method='fade', fade_norm='reliability', **G32), progress=False)
+    assert rep.diagnostic_seconds == 0
+    informative = [r for r in rep.layers if math.isfinite(r.r_cos_h)]
+    assert len(informative) == len(rep.layers) - 6                     # all but the first blocks' q/k/v (δ = 0)
+    assert all(-1 <= r.r_cos_h <= 1 for r in informative)
+    for r in informative:
+        assert r.alpha == pytest.approx(alpha_from_score(r.v_int_z + r_score_reliability(r.r_cos_h)), abs=1e-9)
+
+
 # ---------------------------------------------------------------- the oracle ablation (per-layer alpha on dev data)
 
 @pytest.fixture(scope='module')
