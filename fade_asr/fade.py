@@ -88,7 +88,8 @@ def r_score_one_pass(r: float | None, d_in: int, n_tokens: int, snr: float = 1.0
 def h_cosine(dW_a: torch.Tensor, dW_b: torch.Tensor, H: torch.Tensor) -> float | None:
     "cos(ΔW_A, ΔW_B) in the input metric ⟨A, B⟩_H = tr(A H Bᵀ); None if either correction has no energy there."
     a, b, H = dW_a.double(), dW_b.double(), H.double()
-    ab, aa, bb = (float(((x @ H) * y).sum()) for x, y in ((a, b), (a, a), (b, b)))
+    aH = a @ H                                                          # two products, not three
+    ab, aa, bb = float((aH * b).sum()), float((aH * a).sum()), float(((b @ H) * b).sum())
     return None if min(aa, bb) <= 1e-300 else ab / math.sqrt(aa * bb)
 
 # %% ../nbs/05_fade.ipynb #06c9e31e

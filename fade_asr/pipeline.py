@@ -492,7 +492,7 @@ def _v_raw(adapter: ModelAdapter, cfg: QuantConfig) -> dict[str, float]:
 # %% ../nbs/16_pipeline.ipynb #9b2feb94
 class FADE(Method):
     """FADE: a per-layer α from V_int (weights, z-scored) and R_calib (split-half agreement of the correction): z-scored
-after a diagnostic pass (`fade_norm = 'diagnostic'`), or in one pass against its noise floor or as a reliability."""
+    after a diagnostic pass (`fade_norm = 'diagnostic'`), or in one pass against its noise floor or as a reliability."""
     def prepare(self, model, adapter, windows, v_raw, progress):
         cfg, t1 = self.cfg, time.time()
         if cfg.fade_use_r and {w.half for w in windows} != {'A', 'B'}:
@@ -515,7 +515,7 @@ after a diagnostic pass (`fade_norm = 'diagnostic'`), or in one pass against its
         if rec.name in self.alphas: return self.alphas[rec.name]
         # one pass: the V z-score is known now; R is scored on an absolute scale
         cfg, r = self.cfg, rec.r_calib if math.isfinite(rec.r_cos) else None
-        if cfg.fade_norm == 'reliability': sr = F.r_score_reliability(rec.r_cos_h if math.isfinite(rec.r_cos_h) else None)
+        if cfg.fade_norm == 'reliability': sr = F.r_score_reliability(rec.r_cos_h)   # NaN: neutral
         else: sr = F.r_score_one_pass(r, rec.shape[1], max(rec.n_tokens // 2, 1))        # 'noise_floor'
         s = (self.v_z[rec.name] if cfg.fade_use_v else 0.0) + sr
         return F.alpha_from_score(s, cfg.alpha_min, cfg.alpha_max)
