@@ -275,16 +275,28 @@ def _shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n: raise SystemExit(f"--shard {text!r}: need 0 <= i < n.")
     return i, n
 
+# %% ../nbs/23_cli.ipynb #b5bc953a
+def _bench_cost(a, out: str):
+    "The cost suite: it builds its own models (tiny.en and random Whisper shapes) and grid, so it takes only --out and --report-only."
+    import fade_asr.bench as B
+    bad = [f'--{k.replace("_", "-")}' for k in ('model', 'data', 'bits', 'seeds', 'methods', 'limit', 'fraction', 'language', 'task')
+           if getattr(a, k, None) is not None]
+    if bad: sys.exit(f"the cost suite builds its own models and grid; drop {', '.join(bad)} (it takes --out and --report-only)")
+    if not a.report_only: B.run_cost(out)
+    print(B.write_cost_report(out))
+
 # %% ../nbs/23_cli.ipynb #de4e0d8f
 BENCH_SUITES = {'weights': dict(out='bench', bits=[3, 4], seeds=5, rows='default_methods', report='write_report'),
                 'activations': dict(out='bench/act', bits=[8, 6, 4], seeds=3, rows='act_methods', report='write_act_report'),
                 'ggml': dict(out='bench/ggml', bits=[4, 5, 8], seeds=3, rows='ggml_methods', report='write_ggml_report'),
-                'base': dict(out='bench/base', bits=[3, 4], seeds=3, rows='base_methods', report='write_base_report', dev_only=True)}
+                'base': dict(out='bench/base', bits=[3, 4], seeds=3, rows='base_methods', report='write_base_report', dev_only=True),
+                'cost': dict(out='bench/cost')}   # its own grid of models: see _bench_cost
 
 def cmd_bench(a):
     "Run (or resume) the benchmark grid of a suite, then rebuild its tables and plots."
     import fade_asr.bench as B
     d = BENCH_SUITES[a.suite]
+    if a.suite == 'cost': return _bench_cost(a, a.out or d['out'])
     if d.get('dev_only') and a.split != 'dev':
         sys.exit(f"the {a.suite} suite chooses a default, and choices are never made on test speech: add --split dev")
     out, bits, seeds = a.out or d['out'] + ('' if a.split == 'test' else f'-{a.split}'), a.bits or d['bits'], a.seeds or d['seeds']
@@ -400,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_bench_speed)
     s = sub.add_parser('bench', help='benchmark every method over calibration seeds (resumable)')
     s.add_argument('--model', default=None); s.add_argument('--data', nargs='*', default=None)
-    s.add_argument('--suite', choices=tuple(BENCH_SUITES), default='weights', help="weights: RTN/GPTQ/QEP/FADE at W3/W4 (bench/); activations: W8A8/W6A6/W4A4 calibrations and StableQuant (bench/act/); ggml: every method against whisper.cpp's own quantization, run in whisper.cpp (bench/ggml/); base: GPTQ with act-order, MSE, g64 and g32, on dev only (bench/base-dev/)")
+    s.add_argument('--suite', choices=tuple(BENCH_SUITES), default='weights', help="weights: RTN/GPTQ/QEP/FADE at W3/W4 (bench/); activations: W8A8/W6A6/W4A4 calibrations and StableQuant (bench/act/); ggml: every method against whisper.cpp's own quantization, run in whisper.cpp (bench/ggml/); base: GPTQ with act-order, MSE, g64 and g32, on dev only (bench/base-dev/); cost: quantization time and peak memory as models grow (bench/cost/)")
     s.add_argument('--bits', type=int, nargs='+', default=None, help='weight widths (default: 3 4 for weights, 8 6 4 for activations, 4 5 8 for ggml: Q4_1, Q5_1, Q8_0)')
     s.add_argument('--seeds', type=int, default=None, help='calibration seeds (default: 5 for weights, 3 for activations)')
     s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')

@@ -464,6 +464,12 @@ def advance(self: SequentialPass, k, is_dev, hf, hq, state, err):
     if not is_dev: err[k] = (float((hf - hq).pow(2).sum(dtype=torch.float64)), float(hf.pow(2).sum(dtype=torch.float64)))
     state['fp'][k][0], state['q'][k][0] = hf, hq
 
+# %% ../nbs/16_pipeline.ipynb #4cbf573d
+def _kept(res: QuantResult, weight: torch.Tensor) -> QuantResult:
+    "The solution `res` as the pass keeps it: one byte per code, and `weight` (the quantized twin's tensor, equal to `res.weight`) in place of its own copy."
+    w = weight if weight.dtype == res.weight.dtype else res.weight
+    return replace(res, weight=w, codes=res.codes.to(torch.uint8))
+
 # %% ../nbs/16_pipeline.ipynb #b15357e0
 @patch
 def solve(self: SequentialPass, fb, qb, r: str, st: LayerStats, dev, t_collect: float):
@@ -482,7 +488,7 @@ def solve(self: SequentialPass, fb, qb, r: str, st: LayerStats, dev, t_collect: 
         rec.loss_rtn = float(layer_loss(W, rtn(W, cfg.spec).weight, H))
     lin = qb.linear(r)
     lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
-    self.solutions[rec.name] = res
+    self.solutions[rec.name] = _kept(res, lin.weight.data)
     rec.seconds = time.time() - t1 + t_collect
 
 # %% ../nbs/16_pipeline.ipynb #1f62b214

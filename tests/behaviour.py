@@ -1,10 +1,13 @@
 """The refactor guard: one FADE W3 run and one GPTQ W4 run on a fixed small calibration set, transcribed on the first
 test utterances of each shipped set, must give the transcripts stored in tests/data/behaviour.json.
 
-`python tests/behaviour.py --write` records them (only when the behaviour is meant to change);
-`tests/test_behaviour.py` checks them. One thread, so the floating-point order is the same on every machine of a kind.
+`python tests/behaviour.py --write` records them for this machine's CPU kind (only when the behaviour is meant to
+change, or on the commit before a refactor for a new kind); `tests/test_behaviour.py` checks them. One thread, so the
+floating-point order is the same on every machine of a kind. Machines of different kinds (AVX2, AVX-512, AMX) pick
+different matrix kernels, and FADE W3's transcripts differ between them, so each kind has its own record; the one
+recorded before the kind was stored is `unrecorded`, the fallback.
 """
-import json, sys
+import json, platform, sys
 from pathlib import Path
 
 import torch
@@ -18,6 +21,19 @@ from fade_asr.scoring import transcribe
 STORE = Path(__file__).parent / 'data' / 'behaviour.json'
 RUNS = {'fade-w3g128': dict(n_calib=16, seed=0), 'gptq-w4g128': dict(n_calib=16, seed=0)}
 N_TEST = 6
+
+
+def cpu_kind() -> str:
+    "The CPU features that choose the float kernels of torch's BLAS and oneDNN: within a kind, results are identical."
+    try: flags = set(open('/proc/cpuinfo').read().split())
+    except OSError: flags = set()
+    return platform.machine() + ''.join(f'+{f}' for f in ('avx2', 'avx512f', 'avx512_bf16', 'avx512_fp16', 'amx_tile') if f in flags)
+
+
+def stored() -> dict:
+    "The stored transcripts for this CPU kind (the `unrecorded` ones where the kind has none)."
+    kinds = json.loads(STORE.read_text())
+    return kinds.get(cpu_kind(), kinds['unrecorded'])
 
 
 def transcripts() -> dict:
@@ -38,5 +54,7 @@ def transcripts() -> dict:
 
 
 if __name__ == '__main__' and '--write' in sys.argv:
-    STORE.write_text(json.dumps(transcripts(), indent=1) + '\n')
-    print(f'wrote {STORE}')
+    kinds = json.loads(STORE.read_text()) if STORE.is_file() else {}
+    kinds[cpu_kind()] = transcripts()
+    STORE.write_text(json.dumps(kinds, indent=1) + '\n')
+    print(f'wrote the transcripts of CPU kind {cpu_kind()} to {STORE}')

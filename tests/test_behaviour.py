@@ -1,11 +1,9 @@
 "The refactor guard (see tests/behaviour.py): the guarded runs still give the stored transcripts, word for word."
-import json
-
-from behaviour import STORE, transcripts
+from behaviour import stored, transcripts
 
 
 def test_transcripts_unchanged():
-    want = json.loads(STORE.read_text())
+    want = stored()
     got = transcripts()
     assert got.keys() == want.keys()
     for recipe in want:
