@@ -204,7 +204,7 @@ def _byte_decoder() -> dict[str, int]:
 def vocab_bytes(tokenizer) -> list[bytes]:
     "The raw bytes of each token id up to and including `<|endoftext|>`, as whisper.cpp's file lists them."
     eot = tokenizer.convert_tokens_to_ids('<|endoftext|>')
-    if not isinstance(eot, int) or eot < 0: raise ValueError("the tokenizer has no <|endoftext|> token; it is not Whisper's")
+    if not isinstance(eot, int) or eot < 0 or tokenizer.convert_ids_to_tokens(eot) != '<|endoftext|>': raise ValueError("the tokenizer has no <|endoftext|> token; it is not Whisper's")
     dec, out = _byte_decoder(), []
     for tok in tokenizer.convert_ids_to_tokens(list(range(eot))):
         try: out.append(bytes(dec[c] for c in tok))
