@@ -306,12 +306,6 @@ def shipped_datasets() -> list[str]:
     d = data_dir()
     return sorted(p.parent.name for p in d.glob('*/manifest.jsonl')) if d.exists() else []
 
-# %% ../nbs/08_data.ipynb #00a78cce
-def dataset_info(name: str) -> dict:
-    "The `info.json` of a shipped set: counts, durations, sources, build details."
-    _check_name(name)
-    return json.loads((data_dir() / name / 'info.json').read_text())
-
 # %% ../nbs/08_data.ipynb #459c392f
 def _check_name(name: str):
     names = shipped_datasets()
@@ -320,6 +314,12 @@ def _check_name(name: str):
                          + ("" if names else f" (no manifests under {data_dir()}; run `fade-asr build-data`)")
                          + ". For a corpus on your disk use a data spec such as 'librispeech:/data/LibriSpeech/test-clean' "
                          "(also tedlium:, spgispeech:, hf:, manifest:).")
+
+# %% ../nbs/08_data.ipynb #00a78cce
+def dataset_info(name: str) -> dict:
+    "The `info.json` of a shipped set: counts, durations, sources, build details."
+    _check_name(name)
+    return json.loads((data_dir() / name / 'info.json').read_text())
 
 # %% ../nbs/08_data.ipynb #3529b9c4
 CORPUS_KINDS = ('librispeech', 'tedlium', 'spgispeech', 'hf', 'manifest')
