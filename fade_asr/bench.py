@@ -6,9 +6,9 @@ Docs: https://fade-asr.github.io/fade_asr/benchmark.html.md"""
 
 # %% auto #0
 __all__ = ['BENCH_TEST_FRACTION', 'RUN_KEY', 'ACT_PAIRS', 'BASE_PAIRS', 'BENCH_SHAPES', 'BENCH_BATCHES', 'COST_SHAPES',
-           'LARGE_V3', 'COST_RECIPES', 'BenchMethod', 'default_methods', 'bench_test_set', 'run_path', 'model_sha256',
-           'data_sha256', 'run_key', 'claim_runs', 'run_one', 'run_bench', 'load_runs', 'summary_rows', 'summary_table',
-           'sign_flip_p', 'paired_compare', 'paired_table', 'plot_wer_vs_bits', 'plot_alpha_per_layer',
+           'LARGE_V3', 'COST_RECIPES', 'COST_CAP_MB', 'BenchMethod', 'default_methods', 'bench_test_set', 'run_path',
+           'model_sha256', 'data_sha256', 'run_key', 'claim_runs', 'run_one', 'run_bench', 'load_runs', 'summary_rows',
+           'summary_table', 'sign_flip_p', 'paired_compare', 'paired_table', 'plot_wer_vs_bits', 'plot_alpha_per_layer',
            'plot_error_through_depth', 'write_report', 'act_methods', 'plot_act_wer', 'plot_sensitivity',
            'write_act_report', 'ggml_methods', 'ggml_speed', 'ggml_rows', 'ggml_table', 'plot_ggml',
            'write_ggml_report', 'base_methods', 'plot_base', 'write_base_report', 'bench_kernels', 'decoder_latency',
@@ -37,7 +37,7 @@ from .models import get_adapter, load_model
 from .data import calibration_subset, load_dataset, shipped_datasets
 from .scoring import DEFAULT_BATCH_SIZE, evaluate, paired_bootstrap, wer_report
 from .recipes import load_recipe
-from .pipeline import Method, SequentialPass, _run, _split_half, _v_raw, prepare_windows
+from .pipeline import Method, SequentialPass, _run, _split_half, _v_raw, prepare_windows, quantize
 from .stablequant import quantize_model
 from .packing import QuantLinear, load_packed, pack_model, save_packed
 from .actquant import PART_COLOURS, layer_part
@@ -959,21 +959,26 @@ def _vm_mb(key: str) -> float:
     except OSError: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 # %% ../nbs/22_benchmark.ipynb #b855c7e2
-def cost_point(shape: str = 'tiny', recipe: str = 'gptq-w3g128', n_calib: int = 8, seed: int = 0) -> dict:
-    """Quantize `whisper_shaped(shape)` with `recipe` on `n_calib` calibration utterances in this process: its seconds,
+def cost_point(shape: str = 'tiny', recipe: str = 'gptq-w3g128', n_calib: int = 8, seed: int = 0, mode: str = 'copy',
+               cap_mb: int | None = None) -> dict:
+    """Quantize `whisper_shaped(shape)` with `recipe` on `n_calib` calibration utterances in this process (`mode`:
+    'copy', the default two twins, or 'inplace', one; `cap_mb`: an address-space limit set first): its seconds,
     parameter counts and memory (RSS before and after building the model, and the peak). Run each in a fresh process."""
     import gc
+    if mode not in ('copy', 'inplace'): raise ValueError(f"mode {mode!r}: use 'copy' or 'inplace'")
+    if cap_mb: resource.setrlimit(resource.RLIMIT_AS, (cap_mb * 2**20, cap_mb * 2**20))
     r0 = _vm_mb('VmRSS')
     lm = whisper_shaped(shape, seed); gc.collect()
     r1 = _vm_mb('VmRSS')
     cfg = load_recipe(recipe, n_calib=n_calib, seed=seed)
     calib = calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed)
-    (qm, rep), s = _timed(lambda: quantize_model(lm.model, calib, cfg, processor=lm.processor, progress=False))
+    (qm, rep), s = _timed(lambda: quantize(lm.model, calib, cfg, processor=lm.processor, progress=False, inplace=mode == 'inplace'))
     c = lm.model.config
-    return dict(shape=shape, recipe=recipe, n_calib=len(calib), seed=seed, seconds=s, diagnostic_seconds=rep.diagnostic_seconds,
-                params=sum(p.numel() for p in lm.model.parameters()), linear_params=sum(r.codes.numel() for r in rep.solutions.values()),
-                d_model=c.d_model, ffn=c.encoder_ffn_dim, n_windows=rep.n_windows, fp_cache_mb=cfg.fp_cache_mb,
-                rss_start_mb=r0, rss_model_mb=r1, peak_mb=_vm_mb('VmHWM'), threads=torch.get_num_threads())
+    return dict(shape=shape, recipe=recipe, n_calib=len(calib), seed=seed, mode=mode, cap_mb=cap_mb, seconds=s,
+                diagnostic_seconds=rep.diagnostic_seconds, params=sum(p.numel() for p in lm.model.parameters()),
+                linear_params=sum(r.codes.numel() for r in rep.solutions.values()), d_model=c.d_model, ffn=c.encoder_ffn_dim,
+                n_windows=rep.n_windows, fp_cache_mb=cfg.fp_cache_mb, rss_start_mb=r0, rss_model_mb=r1, peak_mb=_vm_mb('VmHWM'),
+                threads=torch.get_num_threads())
 
 # %% ../nbs/22_benchmark.ipynb #e579d8b1
 def whisper_counts(shape: str) -> tuple[int, int]:
@@ -990,48 +995,53 @@ def whisper_counts(shape: str) -> tuple[int, int]:
 # %% ../nbs/22_benchmark.ipynb #7ae57ade
 def memory_model(p: dict, solution_bytes: float = 1.0) -> dict[str, float]:
     """The predicted peak (MB) of one `cost_point` run `p`, in parts: the process with the FP twin built
-    (`rss_model_mb`, measured), the quantized twin (4 bytes per parameter), the kept solutions (`solution_bytes` per
-    quantized weight), and one block's working set: both twins' hidden states and the FP twin's cached linear inputs
-    for every calibration window (1,500 encoder positions each), and ten float32 n×n matrices for the widest layer
-    (its split-half and merged statistics, GPTQ's and QEP's factors; n = the FFN width)."""
-    MB, tok = 2**20, p['n_windows'] * 1500
-    acts = tok * 4 * (2 * p['d_model'] + min(3 * p['d_model'] + p['ffn'], p['fp_cache_mb'] * MB / (4 * tok)))
-    parts = {'process + FP twin': p['rss_model_mb'], 'quantized twin': 4 * p['params'] / MB,
-             'solutions': solution_bytes * p['linear_params'] / MB, 'block working set': (acts + 10 * 4 * p['ffn'] ** 2) / MB}
+    (`rss_model_mb`, measured), the quantized twin (4 bytes per parameter; in place, the copy of one decoder block), the kept
+    solutions (`solution_bytes` per quantized weight), and one block's working set: both twins' hidden states and the
+    FP twin's cached linear inputs for every calibration window (1,500 encoder positions each), and ten float32 n×n
+    matrices for the widest layer (its split-half and merged statistics, GPTQ's and QEP's factors; n = the FFN width)."""
+    MB, tok, d, f = 2**20, p['n_windows'] * 1500, p['d_model'], p['ffn']
+    acts = tok * 4 * (2 * d + min(3 * d + f, p['fp_cache_mb'] * MB / (4 * tok)))
+    twin = 4 * (8 * d * d + 2 * d * f) if p.get('mode', 'copy') == 'inplace' else 4 * p['params']   # in place: one decoder block
+    parts = {'process + FP twin': p['rss_model_mb'], 'quantized twin': twin / MB,
+             'solutions': solution_bytes * p['linear_params'] / MB, 'block working set': (acts + 10 * 4 * f * f) / MB}
     return {**parts, 'total': sum(parts.values())}
 
 # %% ../nbs/22_benchmark.ipynb #4c7ce0fa
 COST_RECIPES = ('gptq-w3g128', 'fade-w3g128')
+COST_CAP_MB = 9216                # the address-space cap of the in-place medium run: below what the copy mode needs
 
 def cost_grid(shapes: Sequence[str] = tuple(COST_SHAPES), recipes: Sequence[str] = COST_RECIPES, n_calib: int = 8,
-              n_calibs: Sequence[int] = (8, 16, 32, 64)) -> list[tuple[str, str, int]]:
-    "The cost suite's points (shape, recipe, n_calib): every shape at `n_calib`, then tiny.en at each of `n_calibs`."
-    pts = [(s, r, n_calib) for r in recipes for s in shapes] + [('tiny', r, n) for r in recipes for n in n_calibs]
-    return list(dict.fromkeys(pts))
+              n_calibs: Sequence[int] = (8, 16, 32, 64)) -> list[tuple]:
+    """The cost suite's points (shape, recipe, n_calib, mode, cap_mb): every shape at `n_calib`, tiny.en at each of
+    `n_calibs`, then GPTQ in place on the largest shape under `COST_CAP_MB`."""
+    pts = [(s, r, n_calib, 'copy', None) for r in recipes for s in shapes] + [('tiny', r, n, 'copy', None) for r in recipes for n in n_calibs]
+    return list(dict.fromkeys(pts)) + [(shapes[-1], recipes[0], n_calib, 'inplace', COST_CAP_MB)]
 
 # %% ../nbs/22_benchmark.ipynb #ac93280e
-_COST_PROBE = ("import json, sys; from fade_asr.bench import cost_point; "
-               "print(json.dumps(cost_point(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))")
+_COST_PROBE = ("import json, sys; from fade_asr.bench import cost_point; a = sys.argv[1:]; "
+               "print(json.dumps(cost_point(a[0], a[1], int(a[2]), int(a[3]), a[4], int(a[5]) or None)))")
 
-def _cost_file(out_dir, shape: str, recipe: str, n: int, seed: int) -> Path:
-    return Path(out_dir) / 'points' / f'{shape}-{recipe}-n{n}-seed{seed}.json'
+def _cost_file(out_dir, shape: str, recipe: str, n: int, seed: int, mode: str = 'copy', cap_mb: int | None = None) -> Path:
+    tail = ('' if mode == 'copy' else f'-{mode}') + (f'-cap{cap_mb}' if cap_mb else '')
+    return Path(out_dir) / 'points' / f'{shape}-{recipe}-n{n}-seed{seed}{tail}.json'
 
-def run_cost(out_dir='bench/cost', points: Sequence[tuple[str, str, int]] | None = None, seed: int = 0) -> list[dict]:
-    """Run each point of `points` (default `cost_grid()`) not yet stored under `out_dir/points`, each in a fresh process
-    so that its peak RSS is its own; a stored point is kept, so an interrupted suite resumes. Returns the points run or kept."""
+def run_cost(out_dir='bench/cost', points: Sequence[tuple] | None = None, seed: int = 0) -> list[dict]:
+    """Run each point (shape, recipe, n_calib, mode, cap_mb) of `points` (default `cost_grid()`) not yet stored under
+    `out_dir/points`, each in a fresh process so that its peak RSS is its own; a stored point is kept, so an interrupted
+    suite resumes. Returns the points run or kept."""
     import subprocess, sys
     pts = list(points or cost_grid())
-    for s, r, n in tqdm(pts, desc='cost suite', disable=quiet()):
-        f = _cost_file(out_dir, s, r, n, seed)
+    for s, r, n, mode, cap in tqdm(pts, desc='cost suite', disable=quiet()):
+        f = _cost_file(out_dir, s, r, n, seed, mode, cap)
         if f.is_file(): continue
         load = os.getloadavg()
-        out = subprocess.run([sys.executable, '-c', _COST_PROBE, s, r, str(n), str(seed)], capture_output=True, text=True,
-                             env={**os.environ, 'FADE_ASR_QUIET': '1'})
+        out = subprocess.run([sys.executable, '-c', _COST_PROBE, s, r, str(n), str(seed), mode, str(cap or 0)],
+                             capture_output=True, text=True, env={**os.environ, 'FADE_ASR_QUIET': '1'})
         if out.returncode:
-            raise RuntimeError(f"cost point {s} / {r} / n_calib={n} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            raise RuntimeError(f"cost point {s} / {r} / n_calib={n} / {mode} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
         p = {**json.loads(out.stdout.strip().splitlines()[-1]), 'load_before': load, 'load_after': os.getloadavg()}
         atomic_write_text(f, json.dumps(p, indent=1) + '\n')
-    return [load_cost_point(_cost_file(out_dir, s, r, n, seed)) for s, r, n in pts]
+    return [load_cost_point(_cost_file(out_dir, *pt[:3], seed, *pt[3:])) for pt in pts]
 
 def load_cost_point(f) -> dict:
     "One stored cost point; a clear error naming the file if it is damaged."
@@ -1040,54 +1050,64 @@ def load_cost_point(f) -> dict:
         raise ValueError(f"cost point {f} is damaged ({e}); delete it and run `fade-asr bench --suite cost` again") from None
 
 # %% ../nbs/22_benchmark.ipynb #c40d3f3d
-def large_v3_prediction(points: Sequence[dict], solution_bytes: float = 1.0) -> dict[str, float]:
-    """`memory_model` for Whisper large-v3 (1.55 B parameters), from the largest measured GPTQ point at the suite's
-    `n_calib`: its process size before the model, its calibration windows, large-v3's own counts and widths."""
+def large_v3_prediction(points: Sequence[dict], solution_bytes: float = 1.0, mode: str = 'copy') -> dict[str, float]:
+    """`memory_model` for Whisper large-v3 (1.55 B parameters) quantized in `mode`, from the largest measured GPTQ point
+    at the suite's `n_calib`: its process size before the model, its calibration windows, large-v3's own counts and widths."""
     p = max((q for q in points if q['recipe'].startswith('gptq')), key=lambda q: (q['n_calib'] == points[0]['n_calib'], q['params']))
     P, L = whisper_counts('large-v3')
     d, _, ffn, _ = LARGE_V3
-    return memory_model({**p, 'params': P, 'linear_params': L, 'd_model': d, 'ffn': ffn,
+    return memory_model({**p, 'params': P, 'linear_params': L, 'd_model': d, 'ffn': ffn, 'mode': mode,
                          'rss_model_mb': p['rss_start_mb'] + 4 * P / 2**20}, solution_bytes)
 
 # %% ../nbs/22_benchmark.ipynb #b4b60704
 def _slope(xs, ys) -> float: return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0])
 
+def _mode(p: dict) -> str:
+    m = p.get('mode', 'copy')
+    return m if not p.get('cap_mb') else f"{m}, cap {p['cap_mb'] / 1024:.0f} GiB"
+
 def cost_markdown(points: Sequence[dict]) -> str:
     "The cost suite as Markdown: one row per point (time, ÷ GPTQ, peak RSS against the memory model), the slopes, and large-v3."
-    MB, gq = 2**20, {(p['shape'], p['n_calib']): p['seconds'] for p in points if p['recipe'].startswith('gptq')}
-    out = ['| shape | parameters (M) | recipe | n_calib | seconds | ÷ GPTQ | peak RSS (MB) | model (MB) | peak ÷ model |',
-           '|---|---:|---|---:|---:|---:|---:|---:|---:|']
+    MB = 2**20
+    gq = {(p['shape'], p['n_calib']): p['seconds'] for p in points if p['recipe'].startswith('gptq') and p.get('mode', 'copy') == 'copy'}
+    out = ['| shape | parameters (M) | recipe | mode | n_calib | seconds | ÷ GPTQ | peak RSS (MB) | model (MB) | peak ÷ model |',
+           '|---|---:|---|---|---:|---:|---:|---:|---:|---:|']
     for p in points:
         m, g = memory_model(p)['total'], gq.get((p['shape'], p['n_calib']))
         ratio = '—' if g is None else f"{p['seconds'] / g:.2f}"
-        out.append(f"| {p['shape']} | {p['params'] / 1e6:.1f} | {p['recipe']} | {p['n_calib']} | {p['seconds']:.0f} | {ratio} | "
+        out.append(f"| {p['shape']} | {p['params'] / 1e6:.1f} | {p['recipe']} | {_mode(p)} | {p['n_calib']} | {p['seconds']:.0f} | {ratio} | "
                    f"{p['peak_mb']:.0f} | {m:.0f} | {p['peak_mb'] / m:.2f} |")
     n0 = points[0]['n_calib']
     for r in dict.fromkeys(p['recipe'] for p in points):
-        sz = [p for p in points if p['recipe'] == r and p['n_calib'] == n0]
+        sz = [p for p in points if p['recipe'] == r and p['n_calib'] == n0 and p.get('mode', 'copy') == 'copy']
         if len(sz) > 1:
             xs = [p['params'] for p in sz]
             out.append(f"\n{r}, n_calib {n0}: peak RSS grows by {_slope(xs, [p['peak_mb'] * MB for p in sz]):.1f} bytes per parameter; "
                        f"the memory model predicts {_slope(xs, [memory_model(p)['total'] * MB for p in sz]):.1f}.")
-    new, old = large_v3_prediction(points), large_v3_prediction(points, 8.0)
-    out.append(f"\nWhisper large-v3 (1,543 M parameters), predicted: {new['total'] / 1024:.1f} GB "
-               + '(' + ', '.join(f"{k} {v / 1024:.1f}" for k, v in new.items() if k != 'total') + ' GB); '
-               f"{old['total'] / 1024:.1f} GB if every solution kept its own float32 weight and int32 codes (8 bytes a weight).")
+    new, old, inp = large_v3_prediction(points), large_v3_prediction(points, 8.0), large_v3_prediction(points, mode='inplace')
+    parts = lambda q: ', '.join(f"{k} {v / 1024:.1f}" for k, v in q.items() if k != 'total')
+    out.append(f"\nWhisper large-v3 (1,543 M parameters), predicted: {new['total'] / 1024:.1f} GB with two twins ({parts(new)} GB), "
+               f"{inp['total'] / 1024:.1f} GB in place ({parts(inp)} GB); {old['total'] / 1024:.1f} GB with two twins if every "
+               "solution kept its own float32 weight and int32 codes (8 bytes a weight).")
     return '\n'.join(out) + '\n'
 
 # %% ../nbs/22_benchmark.ipynb #1a55196c
 def plot_cost(points: Sequence[dict], path=None):
-    "Four panels: seconds and peak RSS against parameter count (with the memory model), and against n_calib on tiny.en."
+    """Four panels: seconds and peak RSS against parameter count (two twins, with the memory model; in place as stars),
+    and against n_calib on tiny.en."""
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(2, 2, figsize=(10, 7))
-    n0 = points[0]['n_calib']
+    n0, copy_ = points[0]['n_calib'], lambda p: p.get('mode', 'copy') == 'copy'
     for i, r in enumerate(dict.fromkeys(p['recipe'] for p in points)):
-        sz = sorted((p for p in points if p['recipe'] == r and p['n_calib'] == n0), key=lambda p: p['params'])
-        nc = sorted((p for p in points if p['recipe'] == r and p['shape'] == 'tiny'), key=lambda p: p['n_calib'])
+        sz = sorted((p for p in points if p['recipe'] == r and p['n_calib'] == n0 and copy_(p)), key=lambda p: p['params'])
+        nc = sorted((p for p in points if p['recipe'] == r and p['shape'] == 'tiny' and copy_(p)), key=lambda p: p['n_calib'])
         x, c = [p['params'] / 1e6 for p in sz], f'C{i}'
         axs[0, 0].plot(x, [p['seconds'] for p in sz], 'o-', color=c, label=r)
         axs[0, 1].plot(x, [p['peak_mb'] / 1024 for p in sz], 'o', color=c, label=f'{r} (measured)')
         axs[0, 1].plot(x, [memory_model(p)['total'] / 1024 for p in sz], '--', color=c, label=f'{r} (memory model)')
+        for p in (p for p in points if p['recipe'] == r and not copy_(p)):
+            axs[0, 1].plot(p['params'] / 1e6, p['peak_mb'] / 1024, '*', ms=12, color=c, label=f'{r} in place ({_mode(p)})')
+            axs[0, 1].plot(p['params'] / 1e6, memory_model(p)['total'] / 1024, '_', ms=16, mew=2, color=c, label=f'{r} in place (memory model)')
         axs[1, 0].plot([p['n_calib'] for p in nc], [p['seconds'] for p in nc], 'o-', color=c, label=r)
         axs[1, 1].plot([p['n_calib'] for p in nc], [p['peak_mb'] / 1024 for p in nc], 'o-', color=c, label=r)
     for ax, (xl, yl) in zip(axs.flat, [('parameters (M)', 'quantization (s)'), ('parameters (M)', 'peak RSS (GB)'),

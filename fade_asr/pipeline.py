@@ -349,15 +349,19 @@ def _fp_cache(adapter, fb, state_fp, budget_bytes: float):
 
 # %% ../nbs/16_pipeline.ipynb #d7228f94
 class SequentialPass:
-    "Quantize `q` in place with `method`, block by block and group by group, against the untouched twin `fp`; fills `records`."
-    def __init__(self, fp: nn.Module, q: nn.Module, adapter: ModelAdapter, windows: Sequence[CalibWindow], method: Method,
+    """Quantize `q` in place with `method`, block by block and group by group, against the untouched twin `fp`; fills
+    `records`. `q=None`: a lazy twin, each block copied from `fp` when reached and dropped once solved, so one quantized
+    block is in memory at a time; with `inplace`, each solved block is written back into `fp`, which ends up quantized."""
+    def __init__(self, fp: nn.Module, q: nn.Module | None, adapter: ModelAdapter, windows: Sequence[CalibWindow], method: Method,
                  records: dict[str, LayerRecord], *, split_half: bool = True, progress: bool = True,
-                 callback: Callable | None = None, desc: str = 'quantize', dev_windows: Sequence[CalibWindow] = ()):
+                 callback: Callable | None = None, desc: str = 'quantize', dev_windows: Sequence[CalibWindow] = (),
+                 inplace: bool = False, keep_solutions: bool = True):
+        if inplace and q is not None: raise ValueError("inplace writes the solved blocks into fp: pass q=None")
         self.fp, self.q, self.adapter, self.method, self.cfg = fp, q, adapter, method, method.cfg
         self.windows, self.dev_windows = list(windows), list(dev_windows)
         self.allw = self.windows + self.dev_windows       # window index -> window; dev windows after the calibration ones
         self.records, self.split_half, self.callback = records, split_half, callback
-        self.progress, self.desc = progress, desc
+        self.progress, self.desc, self.inplace, self.keep_solutions = progress, desc, inplace, keep_solutions
         self.solutions: dict[str, QuantResult] = {}       # what each layer was solved to, for packing and export
         self.block_errs: list[dict] = []                  # {'stack', 'block', 'rel_err'}: block-output errors
 
@@ -367,8 +371,10 @@ class SequentialPass:
 def run(self: SequentialPass) -> SequentialPass:
     "Every block of every stack, in order; returns the pass, with `solutions`, `block_errs` and the records filled."
     ad, batch_size = self.adapter, self.cfg.batch_size
-    fblocks, qblocks = ad.blocks(self.fp), ad.blocks(self.q)
-    twins = {'fp': self.fp, 'q': self.q}
+    fblocks = ad.blocks(self.fp)
+    qblocks = ad.blocks(self.q) if self.q is not None else [None] * len(fblocks)
+    twins = {'fp': self.fp, 'q': self.q if self.q is not None else self.fp}   # a lazy twin's stack inputs and outputs are
+                                                      # the FP twin's modules: nothing outside the blocks is quantized
     ctx = {tw: [{} for _ in self.allw] for tw in twins}
     bar = tqdm(total=len(fblocks), desc=self.desc, disable=quiet(self.progress), leave=False)
     for stack in ad.stacks:
@@ -380,7 +386,9 @@ def run(self: SequentialPass) -> SequentialPass:
                  for tw, m in twins.items()}
         for fb, qb in ((f, g) for f, g in zip(fblocks, qblocks) if f.stack == stack):
             bar.set_postfix_str(fb.prefix)
+            qb = qb or replace(fb, module=copy.deepcopy(fb.module))   # lazy: this block's own copy, for as long as it takes
             self.block(fb, qb, batches, n_cal, state)
+            if self.inplace: self.write_back(fb, qb)
             bar.update(1)
         for tw, m in twins.items():
             for k, b in enumerate(batches):
@@ -488,8 +496,18 @@ def solve(self: SequentialPass, fb, qb, r: str, st: LayerStats, dev, t_collect: 
         rec.loss_rtn = float(layer_loss(W, rtn(W, cfg.spec).weight, H))
     lin = qb.linear(r)
     lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
-    self.solutions[rec.name] = _kept(res, lin.weight.data)
+    if self.keep_solutions: self.solutions[rec.name] = _kept(res, lin.weight.data)
     rec.seconds = time.time() - t1 + t_collect
+
+# %% ../nbs/16_pipeline.ipynb #8c35b1f2
+@patch
+@torch.no_grad()
+def write_back(self: SequentialPass, fb, qb):
+    "Copy the solved block `qb`'s linear weights into the FP twin's block `fb`; its kept solutions then point at `fb`'s tensors."
+    for r in (r for g in fb.groups for r in g):
+        w = fb.linear(r).weight
+        w.copy_(qb.linear(r).weight)
+        if fb.full(r) in self.solutions: self.solutions[fb.full(r)] = _kept(self.solutions[fb.full(r)], w.data)
 
 # %% ../nbs/16_pipeline.ipynb #1f62b214
 def _v_raw(adapter: ModelAdapter, cfg: QuantConfig) -> dict[str, float]:
@@ -509,8 +527,8 @@ class FADE(Method):
         span = dict(alpha_min=cfg.alpha_min, alpha_max=cfg.alpha_max)
         if cfg.fade_use_r and cfg.fade_norm == 'diagnostic':        # a GPTQ pass first, for every layer's raw R_calib
             drec = _fresh_records(adapter)
-            SequentialPass(model, copy.deepcopy(model).eval(), adapter, windows, GPTQ(replace(cfg, method='gptq')), drec,
-                           progress=progress, desc='FADE diagnostic pass').run()
+            SequentialPass(model, None, adapter, windows, GPTQ(replace(cfg, method='gptq')), drec, progress=progress,
+                           desc='FADE diagnostic pass', keep_solutions=False).run()   # a lazy twin: only the records are needed
             r_raw = {k: (r.r_calib if math.isfinite(r.r_cos) else None) for k, r in drec.items()}   # None: uninformative
             self.alphas = F.fade_alphas(v_raw, r_raw, use_v=cfg.fade_use_v, use_r=True, **span)
             self.prepare_seconds = time.time() - t1
@@ -565,10 +583,11 @@ METHODS['qep_full'] = QEPFull
 
 # %% ../nbs/16_pipeline.ipynb #764893a9
 def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *, processor=None, progress: bool = True,
-             callback: Callable | None = None, dev=None, **overrides) -> tuple[nn.Module, QuantReport]:
+             callback: Callable | None = None, dev=None, inplace: bool = False, **overrides) -> tuple[nn.Module, QuantReport]:
     """Quantize the weights of a copy of `model` with `config` (a `QuantConfig`, or a recipe name) on calibration
     utterances `calib` (`dev`: the oracle's dev utterances; default the `dev_split` split of `calib_data`).
-    Returns the quantized copy and a `QuantReport` (with each layer's solution); `model` itself is never modified."""
+    Returns the quantized copy and a `QuantReport` (with each layer's solution); `model` itself is never modified, unless
+    `inplace`: then `model` itself is quantized and returned, and only one twin is ever in memory (see the cost suite)."""
     cfg, t0 = resolve_config(config, **overrides), time.time()
     if cfg.act.bits:
         raise ValueError(f"recipe {cfg.name or cfg.method!r} quantizes activations too (act_bits={cfg.act.bits}); "
@@ -576,7 +595,7 @@ def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *
     method = method_for(cfg)
     rep = QuantReport(cfg.method, cfg.to_dict())
     if not method.quantizes:
-        qmodel = copy.deepcopy(model).eval()
+        qmodel = model.eval() if inplace else copy.deepcopy(model).eval()
         rep.seconds, rep.peak_rss_mb = time.time() - t0, _peak_rss_mb()
         return qmodel, rep
     if calib is None or len(calib) == 0:
@@ -592,9 +611,10 @@ def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *
     v_raw = _v_raw(adapter, cfg)
     method.prepare(model, adapter, windows, v_raw, progress)
     rep.diagnostic_seconds = method.prepare_seconds
-    records, qmodel = _fresh_records(adapter), copy.deepcopy(model).eval()
-    sp = SequentialPass(model, qmodel, adapter, windows, method, records, split_half={w.half for w in windows} == {'A', 'B'},
-                        progress=progress, callback=callback, desc=f'{cfg.method} W{cfg.spec.bits}', dev_windows=dev_windows).run()
+    records, qmodel = _fresh_records(adapter), model if inplace else copy.deepcopy(model).eval()
+    sp = SequentialPass(model, None if inplace else qmodel, adapter, windows, method, records, inplace=inplace,
+                        split_half={w.half for w in windows} == {'A', 'B'}, progress=progress, callback=callback,
+                        desc=f'{cfg.method} W{cfg.spec.bits}', dev_windows=dev_windows).run()
     rep.blocks, rep.solutions = sp.block_errs, sp.solutions
     v_z = dict(zip(v_raw, F.zscore(list(v_raw.values()))))
     r_ok = {k: r.r_calib for k, r in records.items() if math.isfinite(r.r_cos)}
