@@ -386,7 +386,7 @@ def run(self: SequentialPass) -> SequentialPass:
                  for tw, m in twins.items()}
         for fb, qb in ((f, g) for f, g in zip(fblocks, qblocks) if f.stack == stack):
             bar.set_postfix_str(fb.prefix)
-            qb = qb or replace(fb, module=copy.deepcopy(fb.module))   # lazy: this block's own copy, for as long as it takes
+            if qb is None: qb = replace(fb, module=copy.deepcopy(fb.module))   # lazy: this block's own copy, for as long as it takes
             self.block(fb, qb, batches, n_cal, state)
             if self.inplace: self.write_back(fb, qb)
             bar.update(1)
@@ -587,7 +587,8 @@ def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *
     """Quantize the weights of a copy of `model` with `config` (a `QuantConfig`, or a recipe name) on calibration
     utterances `calib` (`dev`: the oracle's dev utterances; default the `dev_split` split of `calib_data`).
     Returns the quantized copy and a `QuantReport` (with each layer's solution); `model` itself is never modified, unless
-    `inplace`: then `model` itself is quantized and returned, and only one twin is ever in memory (see the cost suite)."""
+    `inplace`: then `model` itself is quantized and returned, and only one twin is ever in memory (see the cost suite);
+    an error part-way then leaves `model` partly quantized: reload it."""
     cfg, t0 = resolve_config(config, **overrides), time.time()
     if cfg.act.bits:
         raise ValueError(f"recipe {cfg.name or cfg.method!r} quantizes activations too (act_bits={cfg.act.bits}); "
