@@ -977,7 +977,7 @@ def cost_point(shape: str = 'tiny', recipe: str = 'gptq-w3g128', n_calib: int = 
     return dict(shape=shape, recipe=recipe, n_calib=len(calib), seed=seed, mode=mode, cap_mb=cap_mb, seconds=s,
                 diagnostic_seconds=rep.diagnostic_seconds, params=sum(p.numel() for p in lm.model.parameters()),
                 linear_params=sum(r.codes.numel() for r in rep.solutions.values()), d_model=c.d_model, ffn=c.encoder_ffn_dim,
-                n_windows=rep.n_windows, fp_cache_mb=cfg.fp_cache_mb, rss_start_mb=r0, rss_model_mb=r1, peak_mb=_vm_mb('VmHWM'),
+                n_windows=rep.n_windows, batch_size=cfg.batch_size, heads=c.encoder_attention_heads, fp_cache_mb=cfg.fp_cache_mb, rss_start_mb=r0, rss_model_mb=r1, peak_mb=_vm_mb('VmHWM'),
                 threads=torch.get_num_threads())
 
 # %% ../nbs/22_benchmark.ipynb #e579d8b1
@@ -995,15 +995,18 @@ def whisper_counts(shape: str) -> tuple[int, int]:
 # %% ../nbs/22_benchmark.ipynb #7ae57ade
 def memory_model(p: dict, solution_bytes: float = 1.0) -> dict[str, float]:
     """The predicted peak (MB) of one `cost_point` run `p`, in parts: the process with the FP twin built
-    (`rss_model_mb`, measured), the quantized twin (4 bytes per parameter; in place, the copy of one decoder block), the kept
-    solutions (`solution_bytes` per quantized weight), and one block's working set: both twins' hidden states and the
-    FP twin's cached linear inputs for every calibration window (1,500 encoder positions each), and ten float32 n×n
-    matrices for the widest layer (its split-half and merged statistics, GPTQ's and QEP's factors; n = the FFN width)."""
+    (`rss_model_mb`, measured), the quantized twin (4 bytes per parameter; in place, the copy of one decoder block), the
+    kept solutions (`solution_bytes` per quantized weight), and one block's working set: both twins' hidden states and
+    the FP twin's cached linear inputs for every calibration window (1,500 encoder positions each), ten float32 n×n
+    matrices for the widest layer (its split-half and merged statistics, GPTQ's and QEP's factors; n = the FFN width),
+    and one encoder batch's attention scores and weights (windows × heads × 1,500², twice)."""
     MB, tok, d, f = 2**20, p['n_windows'] * 1500, p['d_model'], p['ffn']
+    heads, batch = p.get('heads', COST_SHAPES[p['shape']][3]), min(p.get('batch_size', 8), p['n_windows'])
     acts = tok * 4 * (2 * d + min(3 * d + f, p['fp_cache_mb'] * MB / (4 * tok)))
+    attn = 2 * batch * heads * 1500 ** 2 * 4
     twin = 4 * (8 * d * d + 2 * d * f) if p.get('mode', 'copy') == 'inplace' else 4 * p['params']   # in place: one decoder block
     parts = {'process + FP twin': p['rss_model_mb'], 'quantized twin': twin / MB,
-             'solutions': solution_bytes * p['linear_params'] / MB, 'block working set': (acts + 10 * 4 * f * f) / MB}
+             'solutions': solution_bytes * p['linear_params'] / MB, 'block working set': (acts + 10 * 4 * f * f + attn) / MB}
     return {**parts, 'total': sum(parts.values())}
 
 # %% ../nbs/22_benchmark.ipynb #4c7ce0fa
@@ -1055,8 +1058,8 @@ def large_v3_prediction(points: Sequence[dict], solution_bytes: float = 1.0, mod
     at the suite's `n_calib`: its process size before the model, its calibration windows, large-v3's own counts and widths."""
     p = max((q for q in points if q['recipe'].startswith('gptq')), key=lambda q: (q['n_calib'] == points[0]['n_calib'], q['params']))
     P, L = whisper_counts('large-v3')
-    d, _, ffn, _ = LARGE_V3
-    return memory_model({**p, 'params': P, 'linear_params': L, 'd_model': d, 'ffn': ffn, 'mode': mode,
+    d, _, ffn, heads = LARGE_V3
+    return memory_model({**p, 'params': P, 'linear_params': L, 'd_model': d, 'ffn': ffn, 'heads': heads, 'mode': mode,
                          'rss_model_mb': p['rss_start_mb'] + 4 * P / 2**20}, solution_bytes)
 
 # %% ../nbs/22_benchmark.ipynb #b4b60704
@@ -1119,6 +1122,11 @@ def plot_cost(points: Sequence[dict], path=None):
     return fig
 
 # %% ../nbs/22_benchmark.ipynb #10abc0ee
+def _cost_order(points: Sequence[dict]) -> list[dict]:
+    "The suite's points in reading order: by recipe, then two twins before in place, then size, then n_calib."
+    rs = list(dict.fromkeys(p['recipe'] for p in sorted(points, key=lambda p: p['recipe'] not in COST_RECIPES)))
+    return sorted(points, key=lambda p: (rs.index(p['recipe']), p.get('mode', 'copy') != 'copy', p['params'], p['n_calib']))
+
 def write_cost_report(out_dir='bench/cost', points: Sequence[dict] | None = None) -> str:
     """Rebuild `results.md`, `results.json` and `cost.png` in `out_dir` from `points` (default: every point stored there);
     returns the Markdown. A clear error when there are none."""
@@ -1127,8 +1135,10 @@ def write_cost_report(out_dir='bench/cost', points: Sequence[dict] | None = None
     out = Path(out_dir)
     pts = list(points) if points is not None else [load_cost_point(f) for f in sorted(out.glob('points/*.json'))]
     if not pts: raise FileNotFoundError(f"no cost points under {out}/points; run `fade-asr bench --suite cost` first")
+    pts = _cost_order(pts)
     md = cost_markdown(pts)
     atomic_write_text(out / 'results.md', md)
-    atomic_write_text(out / 'results.json', json.dumps(dict(points=pts, large_v3=large_v3_prediction(pts)), indent=1) + '\n')
+    atomic_write_text(out / 'results.json', json.dumps(dict(points=pts, large_v3=large_v3_prediction(pts),
+                                                            large_v3_inplace=large_v3_prediction(pts, mode='inplace')), indent=1) + '\n')
     fig = plot_cost(pts); fig.savefig(out / 'cost.png', dpi=110, bbox_inches='tight'); plt.close(fig)
     return md
