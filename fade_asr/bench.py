@@ -1073,12 +1073,12 @@ def cost_markdown(points: Sequence[dict]) -> str:
     "The cost suite as Markdown: one row per point (time, ÷ GPTQ, peak RSS against the memory model), the slopes, and large-v3."
     MB = 2**20
     gq = {(p['shape'], p['n_calib']): p['seconds'] for p in points if p['recipe'].startswith('gptq') and p.get('mode', 'copy') == 'copy'}
-    out = ['| shape | parameters (M) | recipe | mode | n_calib | seconds | ÷ GPTQ | peak RSS (MB) | model (MB) | peak ÷ model |',
-           '|---|---:|---|---|---:|---:|---:|---:|---:|---:|']
+    out = ['| shape | parameters (M) | recipe | mode | n_calib | 30-s windows | seconds | ÷ GPTQ | peak RSS (MB) | model (MB) | peak ÷ model |',
+           '|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|']
     for p in points:
         m, g = memory_model(p)['total'], gq.get((p['shape'], p['n_calib']))
         ratio = '—' if g is None else f"{p['seconds'] / g:.2f}"
-        out.append(f"| {p['shape']} | {p['params'] / 1e6:.1f} | {p['recipe']} | {_mode(p)} | {p['n_calib']} | {p['seconds']:.0f} | {ratio} | "
+        out.append(f"| {p['shape']} | {p['params'] / 1e6:.1f} | {p['recipe']} | {_mode(p)} | {p['n_calib']} | {p['n_windows']} | {p['seconds']:.0f} | {ratio} | "
                    f"{p['peak_mb']:.0f} | {m:.0f} | {p['peak_mb'] / m:.2f} |")
     n0 = points[0]['n_calib']
     for r in dict.fromkeys(p['recipe'] for p in points):
@@ -1109,7 +1109,7 @@ def plot_cost(points: Sequence[dict], path=None):
         axs[0, 1].plot(x, [p['peak_mb'] / 1024 for p in sz], 'o', color=c, label=f'{r} (measured)')
         axs[0, 1].plot(x, [memory_model(p)['total'] / 1024 for p in sz], '--', color=c, label=f'{r} (memory model)')
         for p in (p for p in points if p['recipe'] == r and not copy_(p)):
-            axs[0, 1].plot(p['params'] / 1e6, p['peak_mb'] / 1024, '*', ms=12, color=c, label=f'{r} in place ({_mode(p)})')
+            axs[0, 1].plot(p['params'] / 1e6, p['peak_mb'] / 1024, '*', ms=12, color=c, label=f'{r} ({_mode(p)})')
             axs[0, 1].plot(p['params'] / 1e6, memory_model(p)['total'] / 1024, '_', ms=16, mew=2, color=c, label=f'{r} in place (memory model)')
         axs[1, 0].plot([p['n_calib'] for p in nc], [p['seconds'] for p in nc], 'o-', color=c, label=r)
         axs[1, 1].plot([p['n_calib'] for p in nc], [p['peak_mb'] / 1024 for p in nc], 'o-', color=c, label=r)
