@@ -977,8 +977,8 @@ def cost_point(shape: str = 'tiny', recipe: str = 'gptq-w3g128', n_calib: int = 
     return dict(shape=shape, recipe=recipe, n_calib=len(calib), seed=seed, mode=mode, cap_mb=cap_mb, seconds=s,
                 diagnostic_seconds=rep.diagnostic_seconds, params=sum(p.numel() for p in lm.model.parameters()),
                 linear_params=sum(r.codes.numel() for r in rep.solutions.values()), d_model=c.d_model, ffn=c.encoder_ffn_dim,
-                n_windows=rep.n_windows, batch_size=cfg.batch_size, heads=c.encoder_attention_heads, fp_cache_mb=cfg.fp_cache_mb, rss_start_mb=r0, rss_model_mb=r1, peak_mb=_vm_mb('VmHWM'),
-                threads=torch.get_num_threads())
+                n_windows=rep.n_windows, batch_size=cfg.batch_size, heads=c.encoder_attention_heads, fp_cache_mb=cfg.fp_cache_mb,
+                rss_start_mb=r0, rss_model_mb=r1, peak_mb=_vm_mb('VmHWM'), threads=torch.get_num_threads())
 
 # %% ../nbs/22_benchmark.ipynb #e579d8b1
 def whisper_counts(shape: str) -> tuple[int, int]:
@@ -1053,10 +1053,14 @@ def load_cost_point(f) -> dict:
         raise ValueError(f"cost point {f} is damaged ({e}); delete it and run `fade-asr bench --suite cost` again") from None
 
 # %% ../nbs/22_benchmark.ipynb #c40d3f3d
+def _n0(points: Sequence[dict]) -> int:
+    "The suite's own n_calib: that of its largest model."
+    return max(points, key=lambda p: p['params'])['n_calib']
+
 def large_v3_prediction(points: Sequence[dict], solution_bytes: float = 1.0, mode: str = 'copy') -> dict[str, float]:
     """`memory_model` for Whisper large-v3 (1.55 B parameters) quantized in `mode`, from the largest measured GPTQ point
     at the suite's `n_calib`: its process size before the model, its calibration windows, large-v3's own counts and widths."""
-    p = max((q for q in points if q['recipe'].startswith('gptq')), key=lambda q: (q['n_calib'] == points[0]['n_calib'], q['params']))
+    p = max((q for q in points if q['recipe'].startswith('gptq')), key=lambda q: (q['n_calib'] == _n0(points), q['params']))
     P, L = whisper_counts('large-v3')
     d, _, ffn, heads = LARGE_V3
     return memory_model({**p, 'params': P, 'linear_params': L, 'd_model': d, 'ffn': ffn, 'heads': heads, 'mode': mode,
@@ -1080,7 +1084,7 @@ def cost_markdown(points: Sequence[dict]) -> str:
         ratio = '—' if g is None else f"{p['seconds'] / g:.2f}"
         out.append(f"| {p['shape']} | {p['params'] / 1e6:.1f} | {p['recipe']} | {_mode(p)} | {p['n_calib']} | {p['n_windows']} | {p['seconds']:.0f} | {ratio} | "
                    f"{p['peak_mb']:.0f} | {m:.0f} | {p['peak_mb'] / m:.2f} |")
-    n0 = points[0]['n_calib']
+    n0 = _n0(points)
     for r in dict.fromkeys(p['recipe'] for p in points):
         sz = [p for p in points if p['recipe'] == r and p['n_calib'] == n0 and p.get('mode', 'copy') == 'copy']
         if len(sz) > 1:
@@ -1100,7 +1104,7 @@ def plot_cost(points: Sequence[dict], path=None):
     and against n_calib on tiny.en."""
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(2, 2, figsize=(10, 7))
-    n0, copy_ = points[0]['n_calib'], lambda p: p.get('mode', 'copy') == 'copy'
+    n0, copy_ = _n0(points), lambda p: p.get('mode', 'copy') == 'copy'
     for i, r in enumerate(dict.fromkeys(p['recipe'] for p in points)):
         sz = sorted((p for p in points if p['recipe'] == r and p['n_calib'] == n0 and copy_(p)), key=lambda p: p['params'])
         nc = sorted((p for p in points if p['recipe'] == r and p['shape'] == 'tiny' and copy_(p)), key=lambda p: p['n_calib'])
