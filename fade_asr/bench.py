@@ -7,18 +7,19 @@ Docs: https://fade-asr.github.io/fade_asr/benchmark.html.md"""
 # %% auto #0
 __all__ = ['BENCH_TEST_FRACTION', 'RUN_KEY', 'ACT_PAIRS', 'BASE_PAIRS', 'BENCH_SHAPES', 'BENCH_BATCHES', 'COST_SHAPES',
            'LARGE_V3', 'COST_RECIPES', 'COST_CAP_MB', 'BenchMethod', 'default_methods', 'bench_test_set', 'run_path',
-           'model_sha256', 'data_sha256', 'run_key', 'claim_runs', 'run_one', 'run_bench', 'load_runs', 'summary_rows',
-           'summary_table', 'sign_flip_p', 'paired_compare', 'paired_table', 'plot_wer_vs_bits', 'plot_alpha_per_layer',
-           'plot_error_through_depth', 'write_report', 'act_methods', 'plot_act_wer', 'plot_sensitivity',
-           'write_act_report', 'ggml_methods', 'ggml_speed', 'ggml_rows', 'ggml_table', 'plot_ggml',
-           'write_ggml_report', 'base_methods', 'plot_base', 'write_base_report', 'bench_kernels', 'decoder_latency',
-           'bench_markdown', 'write_bench_kernels', 'long_audio_memory', 'profile_parts', 'quantize_parts',
-           'eval_parts', 'speed_suite', 'speed_markdown', 'plot_speed', 'write_speed_report', 'whisper_shaped',
-           'cost_point', 'whisper_counts', 'memory_model', 'cost_grid', 'run_cost', 'load_cost_point',
-           'large_v3_prediction', 'cost_markdown', 'plot_cost', 'write_cost_report']
+           'model_sha256', 'data_sha256', 'run_key', 'claim_runs', 'measure_run', 'run_one', 'bench_datasets',
+           'run_on_cluster', 'run_bench', 'load_runs', 'summary_rows', 'summary_table', 'sign_flip_p', 'paired_compare',
+           'paired_table', 'plot_wer_vs_bits', 'plot_alpha_per_layer', 'plot_error_through_depth', 'write_report',
+           'act_methods', 'plot_act_wer', 'plot_sensitivity', 'write_act_report', 'ggml_methods', 'ggml_speed',
+           'ggml_rows', 'ggml_table', 'plot_ggml', 'write_ggml_report', 'base_methods', 'plot_base',
+           'write_base_report', 'bench_kernels', 'decoder_latency', 'bench_markdown', 'write_bench_kernels',
+           'long_audio_memory', 'profile_parts', 'quantize_parts', 'eval_parts', 'speed_suite', 'speed_markdown',
+           'plot_speed', 'write_speed_report', 'whisper_shaped', 'cost_point', 'whisper_counts', 'memory_model',
+           'cost_grid', 'run_cost', 'load_cost_point', 'large_v3_prediction', 'cost_markdown', 'plot_cost',
+           'write_cost_report']
 
 # %% ../nbs/22_benchmark.ipynb #81854782
-import copy, cProfile, hashlib, inspect, itertools, json, os, platform, pstats, resource, tempfile, time
+import copy, cProfile, hashlib, inspect, itertools, json, os, platform, pstats, resource, tempfile, threading, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -129,14 +130,10 @@ def claim_runs(runs_dir, key: dict) -> Path:
     return runs_dir
 
 # %% ../nbs/22_benchmark.ipynb #9b8a87b7
-def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, batch_size: int | None = None,
-            limit: int | None = None, fraction: float = BENCH_TEST_FRACTION, key: dict | None = None,
-            language: str | None = None, task: str | None = None, split: str = 'test') -> dict:
-    """Quantize with method `m` and calibration seed `seed`, evaluate on `datasets` (utterances of `split`), store and return the record.
-    A stored run is reused only from a runs folder claimed under the same `key` (default: `run_key` of these)."""
-    path = run_path(out_dir, m, bits, seed, limit)
-    claim_runs(path.parents[1], key or run_key(lm.model, datasets, fraction, language, task))
-    if path.exists(): return json.loads(path.read_text())
+def measure_run(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, batch_size: int | None = None,
+                limit: int | None = None, fraction: float = BENCH_TEST_FRACTION, language: str | None = None,
+                task: str | None = None, split: str = 'test') -> dict:
+    "Quantize with method `m` and calibration seed `seed`, evaluate on `datasets` (utterances of `split`); the run's record, not stored."
     cfg = load_recipe(m.recipe, seed=seed, **{**dict(m.overrides), 'language': language, 'task': task})
     rec = dict(label=m.label, recipe=m.recipe, overrides=dict(m.overrides), bits=bits,
                seed=seed if m.seeded else None, method=cfg.method, limit=limit, test_fraction=fraction, split=split)
@@ -152,6 +149,18 @@ def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, b
                        language=language, task=task)
     rec['results'] = {k: r.as_dict(per_utterance=True) for k, r in res.items()}
     rec['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rec
+
+# %% ../nbs/22_benchmark.ipynb #d8dab62c
+def run_one(lm, m: BenchMethod, bits: int, seed: int, datasets: dict, out_dir, batch_size: int | None = None,
+            limit: int | None = None, fraction: float = BENCH_TEST_FRACTION, key: dict | None = None,
+            language: str | None = None, task: str | None = None, split: str = 'test') -> dict:
+    """`measure_run`, stored under `out_dir` (atomically), or the stored record when there is one.
+    A stored run is reused only from a runs folder claimed under the same `key` (default: `run_key` of these)."""
+    path = run_path(out_dir, m, bits, seed, limit)
+    claim_runs(path.parents[1], key or run_key(lm.model, datasets, fraction, language, task))
+    if path.exists(): return json.loads(path.read_text())
+    rec = measure_run(lm, m, bits, seed, datasets, batch_size, limit, fraction, language, task, split)
     atomic_write_text(path, json.dumps(rec) + '\n')
     return rec
 
@@ -165,29 +174,74 @@ def _select(ms: list[BenchMethod], labels, every: Sequence[str] | None = None) -
     if bad: raise ValueError(f"unknown benchmark method(s) {bad}; choose from {every}")
     return [m for m in ms if m.label in labels]
 
+# %% ../nbs/22_benchmark.ipynb #4ae42535
+def bench_datasets(data=None, split: str = 'test', fraction: float = BENCH_TEST_FRACTION, limit: int | None = None) -> dict:
+    "The sets a benchmark scores: the fixed `fraction` of each test split, or the whole dev split (`split='dev'`)."
+    if split not in ('test', 'dev'): raise ValueError(f"the benchmark scores the 'test' or the 'dev' split, not {split!r}")
+    pick = (lambda d: bench_test_set(d, fraction, limit)) if split == 'test' else (lambda d: load_dataset(d, 'dev', limit=limit))
+    return {d: pick(d) for d in (data or shipped_datasets())}
+
+# %% ../nbs/22_benchmark.ipynb #eccfaa54
+_WORKER = dict(inputs=None, lock=threading.Lock())   # per worker process: the last (inputs, loaded model and sets)
+
+def _worker_threads() -> int | None:
+    "The threads of the Dask worker this runs on (None outside a worker)."
+    try:
+        from distributed import get_worker
+        return get_worker().state.nthreads
+    except (ImportError, ValueError): return None
+
+def _remote_run(spec: dict, m: BenchMethod, bits: int, seed: int) -> dict:
+    """One run on a Dask worker: `measure_run` on the model and test sets of `spec` (loaded once per worker process),
+    refused when they differ from the client's (`spec['key']`)."""
+    with _WORKER['lock']:      # one run at a time per process, on all of the worker's threads
+        what = tuple(spec[k] if not isinstance(spec[k], list) else tuple(spec[k]) for k in ('model', 'data', 'split', 'fraction', 'limit'))
+        if _WORKER['inputs'] is None or _WORKER['inputs'][0] != what:
+            lm = load_model(spec['model']); ds = bench_datasets(spec['data'], spec['split'], spec['fraction'], spec['limit'])
+            _WORKER['inputs'] = what, lm, ds, run_key(lm.model, ds, spec['fraction'], spec['language'], spec['task'])
+        _, lm, ds, key = _WORKER['inputs']
+        diff = [k for k in spec['key'] if key.get(k) != spec['key'][k]]
+        if diff:
+            raise ValueError(f"worker {platform.node()} loaded another {' and '.join(diff)} than the client: install the same "
+                             f"model ({spec['model'] or 'bundled tiny.en'}) and data at the same absolute paths on every node")
+        with torch_threads(_worker_threads()):
+            return measure_run(lm, m, bits, seed, ds, spec['batch_size'], spec['limit'], spec['fraction'],
+                               spec['language'], spec['task'], spec['split'])
+
+# %% ../nbs/22_benchmark.ipynb #c534026f
+def run_on_cluster(client, todo, spec: dict, out_dir) -> list[dict]:
+    """Run the (method, bits, seed) runs of `todo` that `out_dir` does not hold yet on the workers of the Dask `client`,
+    storing each record as it comes back; returns every record of `todo`, in its order."""
+    from distributed import as_completed
+    paths = [run_path(out_dir, m, b, s, spec['limit']) for m, b, s in todo]
+    if not paths: return []
+    claim_runs(paths[0].parents[1], spec['key'])
+    futures = {client.submit(_remote_run, spec, m, b, s, pure=False): p for (m, b, s), p in zip(todo, paths) if not p.exists()}
+    for f in tqdm(as_completed(futures), total=len(futures), desc='benchmark runs (cluster)', disable=quiet()):
+        atomic_write_text(futures[f], json.dumps(f.result()) + '\n')    # a failed run raises here, with the worker's error
+    return [json.loads(p.read_text()) for p in paths]
+
 # %% ../nbs/22_benchmark.ipynb #a695f979
 def run_bench(out_dir='bench', bits=(3, 4), seeds=range(5), methods=None, data=None, limit=None, batch_size=None,
-              model=None, fraction: float = BENCH_TEST_FRACTION, shard: tuple[int, int] = (0, 1),
-              suite: Callable[[int], list[BenchMethod]] = default_methods, language: str | None = None,
-              task: str | None = None, split: str = 'test') -> list[dict]:
-    """Run (or resume) the whole grid, or the `shard=(i, n)`-th share of it; returns the records of the runs it visited.
-    `suite(bits)` lists the methods (default: the weight-only suite; `act_methods`: the activation suite). `split='dev'`
-    scores the whole dev split instead of the fixed share of the test split: for choosing between recipes, which must
-    never be done on test speech."""
-    if split not in ('test', 'dev'): raise ValueError(f"the benchmark scores the 'test' or the 'dev' split, not {split!r}")
+              model=None, fraction: float = BENCH_TEST_FRACTION, suite: Callable[[int], list[BenchMethod]] = default_methods,
+              language: str | None = None, task: str | None = None, split: str = 'test', client=None) -> list[dict]:
+    """Run (or resume) the whole grid; returns its records. `suite(bits)` lists the methods (default: the weight-only
+    suite; `act_methods`: the activation suite). `split='dev'` scores the whole dev split instead of the fixed share of
+    the test split: for choosing between recipes, which must never be done on test speech. `client`: a Dask
+    `distributed.Client`, whose workers run the runs (`run_on_cluster`)."""
+    datasets = bench_datasets(data, split, fraction, limit)
     lm = load_model(model)
-    i, n = shard
-    if not 0 <= i < n: raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}.")
-    pick = (lambda d: bench_test_set(d, fraction, limit)) if split == 'test' else (lambda d: load_dataset(d, 'dev', limit=limit))
-    datasets = {d: pick(d) for d in (data or shipped_datasets())}
     # seed-major order: an interrupted benchmark has every method and bit width for the first seeds,
     # not every seed of one method
     every = [m.label for b in bits for m in suite(b)]
     todo = [(m, b, s) for s in seeds for b in bits for m in _select(suite(b), methods, every) if m.seeded or s == min(seeds)]
-    key, recs = run_key(lm.model, datasets, fraction, language, task), []
-    for m, b, s in tqdm(todo[i::n], desc='benchmark runs', disable=quiet()):
-        recs.append(run_one(lm, m, b, s, datasets, out_dir, batch_size, limit, fraction, key, language, task, split))
-    return recs
+    key = run_key(lm.model, datasets, fraction, language, task)
+    if client is not None:
+        spec = dict(model=None if model is None else str(Path(model).expanduser().resolve()), data=data, split=split,
+                    fraction=fraction, limit=limit, batch_size=batch_size, language=language, task=task, key=key)
+        return run_on_cluster(client, todo, spec, out_dir)
+    return [run_one(lm, m, b, s, datasets, out_dir, batch_size, limit, fraction, key, language, task, split)
+            for m, b, s in tqdm(todo, desc='benchmark runs', disable=quiet())]
 
 # %% ../nbs/22_benchmark.ipynb #07f825b1
 def load_runs(out_dir='bench', limit: int | None = None) -> list[dict]:

@@ -10,7 +10,7 @@ __all__ = ['QUICK_FRACTION', 'BENCH_SUITES', 'evaluate_models', 'cached_evaluate
            'cmd_bench_speed', 'cmd_recipes', 'cmd_build_data', 'cmd_readme', 'build_parser', 'main']
 
 # %% ../nbs/23_cli.ipynb #60f30519
-import argparse, json, sys, time
+import argparse, contextlib, json, logging, os, sys, time
 from fractions import Fraction
 from pathlib import Path
 
@@ -268,12 +268,25 @@ def cmd_export(a):
     return path
 
 # %% ../nbs/23_cli.ipynb #3e8561b5
-def _shard(text: str) -> tuple[int, int]:
-    "Parse `--shard i/n` (this process runs every n-th run of the grid, starting at the i-th)."
-    try: i, n = (int(x) for x in text.split('/'))
-    except ValueError: raise SystemExit(f"--shard {text!r}: write it as i/n, e.g. 0/2 and 1/2 for two processes.") from None
-    if not 0 <= i < n: raise SystemExit(f"--shard {text!r}: need 0 <= i < n.")
-    return i, n
+@contextlib.contextmanager
+def _bench_client(a):
+    """A Dask client for `--scheduler` (a running cluster) or `--workers N` (N local worker processes, the cores shared
+    between them); None, to run the grid in this process, when neither is given."""
+    if a.scheduler is None and a.workers is None: yield None; return
+    if a.scheduler is not None and a.workers is not None: sys.exit("--workers starts a local cluster and --scheduler joins a running one: give one of them")
+    if a.workers is not None and a.workers < 1: sys.exit(f"--workers {a.workers}: need at least one worker")
+    try: from distributed import Client, LocalCluster
+    except ImportError: raise SystemExit("--workers and --scheduler run the grid on Dask: pip install 'dask[distributed]'") from None
+    if a.scheduler is not None:
+        try: client = Client(a.scheduler, timeout='10s')
+        except (OSError, TimeoutError) as e:
+            sys.exit(f"no Dask scheduler answers at {a.scheduler} ({e}); start one with `dask scheduler` and workers with `dask worker {a.scheduler}`")
+        with client: yield client
+        return
+    threads = max(1, (os.cpu_count() or 1) // a.workers)
+    with LocalCluster(n_workers=a.workers, threads_per_worker=threads, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
 
 # %% ../nbs/23_cli.ipynb #b5bc953a
 def _bench_cost(a, out: str):
@@ -302,9 +315,10 @@ def cmd_bench(a):
     out, bits, seeds = a.out or d['out'] + ('' if a.split == 'test' else f'-{a.split}'), a.bits or d['bits'], a.seeds or d['seeds']
     suite, report = getattr(B, d['rows']), getattr(B, d['report'])
     if not a.report_only:
-        B.run_bench(out, bits=bits, seeds=range(seeds), methods=a.methods, data=a.data, limit=a.limit,
-                    batch_size=a.batch_size, model=a.model, shard=_shard(a.shard), suite=suite, language=a.language, task=a.task, split=a.split,
-                    **({} if a.fraction is None else dict(fraction=a.fraction)))
+        with _bench_client(a) as client:
+            B.run_bench(out, bits=bits, seeds=range(seeds), methods=a.methods, data=a.data, limit=a.limit,
+                        batch_size=a.batch_size, model=a.model, suite=suite, language=a.language, task=a.task, split=a.split,
+                        client=client, **({} if a.fraction is None else dict(fraction=a.fraction)))
         if a.suite == 'ggml' and a.split == 'test' and not (Path(out) / 'speed.json').is_file(): B.ggml_speed(out, a.model)   # speed, apart from the WER runs
     print(report(out, limit=a.limit))
 
@@ -418,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
     s.add_argument('--split', choices=('test', 'dev'), default='test', help='test: a fixed share of each test split (the results); dev: the whole dev split, to choose between recipes without touching test speech (default --out: the suite folder plus -dev)')
     s.add_argument('--fraction', type=float, default=None, help="share of each test set scored, fixed by id hash (default: bench.BENCH_TEST_FRACTION, 0.5)")
-    s.add_argument('--shard', default='0/1', help="i/n: run every n-th run from the i-th, to split the grid over n processes")
+    s.add_argument('--workers', type=int, default=None, help="run the grid on N local Dask worker processes, sharing the cores (needs dask[distributed])")
+    s.add_argument('--scheduler', default=None, help="run the grid on a running Dask cluster, e.g. tcp://HOST:8786 (`dask scheduler`, then `dask worker tcp://HOST:8786` on each node)")
     lang_args(s)
     s.add_argument('--methods', nargs='+', default=None, help='method labels to run (default: all; see bench.default_methods and bench.act_methods)')
     s.add_argument('--out', default=None, help='runs and results go here (default: bench/ or bench/act/)')

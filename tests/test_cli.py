@@ -31,9 +31,9 @@ def test_every_shipped_recipe_loads():
     (['eval', '--model', '/no/such/model', '--limit', '1'], 'does not exist'),
     (['quantize', '--recipe', 'no-such-recipe'], 'unknown recipe'),
     (['eval', '--data', 'no-such-set', '--limit', '1'], 'no-such-set'),
-    (['bench', '--shard', '2/2'], 'need 0 <= i < n'),
+    (['bench', '--workers', '0'], 'need at least one worker'),
     (['quantize', '--calib-data', 'libri:/x', '--limit', '1'], "unknown corpus kind 'libri'"),
-    (['bench', '--shard', 'half'], 'write it as i/n'),
+    (['bench', '--workers', '2', '--scheduler', 'tcp://127.0.0.1:9'], 'give one of them'),
     (['bench', '--suite', 'base'], 'never made on test speech: add --split dev'),
 ])
 def test_clear_errors(args, msg):
@@ -113,3 +113,27 @@ def test_bench_speed_writes_its_report(tmp_path):
     assert res['n_calib'] == 4 and res['n_dev'] == {'asterisk': 2, 'harvard': 2}
     assert res['packed']['identical'] == res['packed']['utterances'] == 4
     assert (tmp_path / 's' / 'profile.png').stat().st_size > 0 and 'FADE (one pass)' in r.stdout
+
+
+def test_bench_on_local_dask_workers(tmp_path):
+    """`fade-asr bench --workers 2` runs the grid in two Dask worker processes; its records hold the same transcripts
+    and α as the same runs made in this process, and a second call finds them all stored."""
+    from fade_asr.bench import bench_datasets, default_methods, run_one
+    from fade_asr.gptq import torch_threads
+    from fade_asr.models import load_model
+    args = ['bench', '--workers', '2', '--methods', 'FP', 'RTN', '--bits', '3', '--seeds', '1', '--data', 'harvard',
+            '--limit', '2', '--out', str(tmp_path / 'b')]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stored = {p.stem: json.loads(p.read_text()) for p in (tmp_path / 'b' / 'runs-limit2' / 'w3').glob('*.json')}
+    assert set(stored) == {'fp-seedna', 'rtn-seedna'}
+    assert (tmp_path / 'b' / 'report-limit2' / 'results.md').is_file()
+    lm, ds = load_model(), bench_datasets(['harvard'], 'test', limit=2)
+    with torch_threads(1):
+        here = run_one(lm, next(m for m in default_methods(3) if m.label == 'RTN'), 3, 0, ds, tmp_path / 'here', limit=2)
+    untimed = lambda rec: {d: {k: v for k, v in res.items() if k != 'seconds'} for d, res in rec['results'].items()}
+    assert untimed(stored['rtn-seedna']) == untimed(here)                   # transcripts and WER
+    assert [l['alpha'] for l in stored['rtn-seedna']['report']['layers']] == [l['alpha'] for l in here['report']['layers']]
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / 'b' / 'runs-limit2' / 'w3').glob('*.json')}
+    assert run_cli(*args).returncode == 0                                  # resumed: nothing run again
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
