@@ -14,9 +14,9 @@ __all__ = ['BENCH_TEST_FRACTION', 'RUN_KEY', 'ACT_PAIRS', 'BASE_PAIRS', 'BENCH_S
            'ggml_rows', 'ggml_table', 'plot_ggml', 'write_ggml_report', 'base_methods', 'plot_base',
            'write_base_report', 'bench_kernels', 'decoder_latency', 'bench_markdown', 'write_bench_kernels',
            'long_audio_memory', 'profile_parts', 'quantize_parts', 'eval_parts', 'speed_suite', 'speed_markdown',
-           'plot_speed', 'write_speed_report', 'whisper_shaped', 'cost_point', 'whisper_counts', 'memory_model',
-           'cost_grid', 'run_cost', 'load_cost_point', 'large_v3_prediction', 'cost_markdown', 'plot_cost',
-           'write_cost_report']
+           'plot_speed', 'write_speed_report', 'whisper_shaped', 'whisper_shaped_offloaded', 'cost_point',
+           'whisper_counts', 'memory_model', 'cost_grid', 'run_cost', 'load_cost_point', 'large_v3_prediction',
+           'cost_markdown', 'plot_cost', 'write_cost_report']
 
 # %% ../nbs/22_benchmark.ipynb #81854782
 import copy, cProfile, hashlib, inspect, itertools, json, os, platform, pstats, resource, tempfile, threading, time
@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .util import atomic_dir, atomic_write_text, check_output_dir, quiet
@@ -38,7 +39,8 @@ from .models import get_adapter, load_model
 from .data import calibration_subset, load_dataset, shipped_datasets
 from .scoring import DEFAULT_BATCH_SIZE, evaluate, paired_bootstrap, wer_report
 from .recipes import load_recipe
-from .pipeline import Method, SequentialPass, _run, _split_half, _v_raw, prepare_windows, quantize
+from .pipeline import (BlockStore, Method, SequentialPass, _run, _split_half, _v_raw, load_offloaded, prepare_windows,
+                               quantize, restore_blocks)
 from .stablequant import quantize_model
 from .packing import QuantLinear, load_packed, pack_model, save_packed
 from .actquant import PART_COLOURS, layer_part
@@ -999,12 +1001,44 @@ def whisper_shaped(shape: str, seed: int = 0) -> LoadedModel:
     if shape not in COST_SHAPES: raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(COST_SHAPES)}")
     lm = load_model(None)
     if shape == 'tiny': return lm                     # the real weights
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-    d, n, ffn, heads = COST_SHAPES[shape]
-    cfg = WhisperConfig(**{**lm.model.config.to_dict(), 'd_model': d, 'encoder_layers': n, 'decoder_layers': n,
-                           'encoder_ffn_dim': ffn, 'decoder_ffn_dim': ffn, 'encoder_attention_heads': heads, 'decoder_attention_heads': heads})
+    from transformers import WhisperForConditionalGeneration
     torch.manual_seed(seed)
-    return LoadedModel(WhisperForConditionalGeneration(cfg).eval(), lm.processor, lm.family, f'random {shape}-shaped Whisper')
+    return LoadedModel(WhisperForConditionalGeneration(_shaped_config(shape, lm)).eval(), lm.processor, lm.family, f'random {shape}-shaped Whisper')
+
+def _shaped_config(shape: str, lm: LoadedModel):
+    from transformers import WhisperConfig
+    d, n, ffn, heads = COST_SHAPES[shape]
+    return WhisperConfig(**{**lm.model.config.to_dict(), 'd_model': d, 'encoder_layers': n, 'decoder_layers': n,
+                            'encoder_ffn_dim': ffn, 'decoder_ffn_dim': ffn, 'encoder_attention_heads': heads, 'decoder_attention_heads': heads})
+
+# %% ../nbs/22_benchmark.ipynb #55cd5dca
+@torch.no_grad()
+def whisper_shaped_offloaded(shape: str, folder, seed: int = 0) -> tuple[LoadedModel, BlockStore]:
+    """`whisper_shaped(shape)` built with its blocks in a new `BlockStore` at `folder`, never whole in memory: the real
+    tiny.en read from its converted checkpoint (`load_offloaded`), or random weights (normal, std `init_std`; norms 1, biases 0)
+    made one block at a time."""
+    if shape not in COST_SHAPES: raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(COST_SHAPES)}")
+    lm = load_model(None)                             # tiny.en's processor (and, converted from CTranslate2, its HF folder)
+    if shape == 'tiny':
+        m, proc, store = load_offloaded(lm.cache_dir, folder, lm.processor)
+        return LoadedModel(m, proc, 'whisper', 'bundled tiny.en, blocks on disk'), store
+    from transformers import WhisperForConditionalGeneration
+    cfg, proc = _shaped_config(shape, lm), lm.processor; del lm
+    with torch.device('meta'): model = WhisperForConditionalGeneration(cfg)
+    gen, store = torch.Generator().manual_seed(seed), BlockStore(folder)
+    def fill(mod: nn.Module, skip=frozenset()):
+        for sub in (s for s in mod.modules() if id(s) not in skip):
+            for k, t in list(sub._parameters.items()):
+                if t is None or not t.is_meta: continue
+                v = torch.empty(t.shape)
+                if isinstance(sub, nn.LayerNorm): v.fill_(1.0 if k == 'weight' else 0.0)
+                elif k == 'bias': v.zero_()
+                else: v.normal_(0.0, cfg.init_std, generator=gen)
+                sub._parameters[k] = nn.Parameter(v, requires_grad=False)
+    blocks = get_adapter(model, proc).blocks()
+    for b in blocks: fill(b.module); store.put(b)
+    fill(model, skip=frozenset(id(s) for b in blocks for s in b.module.modules())); model.tie_weights()
+    return LoadedModel(model.eval(), proc, 'whisper', f'random {shape}-shaped Whisper, blocks on disk'), store
 
 # %% ../nbs/22_benchmark.ipynb #bf48d232
 def _vm_mb(key: str) -> float:
@@ -1016,17 +1050,21 @@ def _vm_mb(key: str) -> float:
 def cost_point(shape: str = 'tiny', recipe: str = 'gptq-w3g128', n_calib: int = 8, seed: int = 0, mode: str = 'copy',
                cap_mb: int | None = None) -> dict:
     """Quantize `whisper_shaped(shape)` with `recipe` on `n_calib` calibration utterances in this process (`mode`:
-    'copy', the default two twins, or 'inplace', one; `cap_mb`: an address-space limit set first): its seconds,
+    'copy', the default two twins; 'inplace', one; 'offload', its blocks on disk, one in memory at a time; `cap_mb`: an
+    address-space limit set first): its seconds,
     parameter counts and memory (RSS before and after building the model, and the peak). Run each in a fresh process."""
     import gc
-    if mode not in ('copy', 'inplace'): raise ValueError(f"mode {mode!r}: use 'copy' or 'inplace'")
+    if mode not in ('copy', 'inplace', 'offload'): raise ValueError(f"mode {mode!r}: use 'copy', 'inplace' or 'offload'")
     if cap_mb: resource.setrlimit(resource.RLIMIT_AS, (cap_mb * 2**20, cap_mb * 2**20))
     r0 = _vm_mb('VmRSS')
-    lm = whisper_shaped(shape, seed); gc.collect()
-    r1 = _vm_mb('VmRSS')
-    cfg = load_recipe(recipe, n_calib=n_calib, seed=seed)
-    calib = calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed)
-    (qm, rep), s = _timed(lambda: quantize(lm.model, calib, cfg, processor=lm.processor, progress=False, inplace=mode == 'inplace'))
+    with tempfile.TemporaryDirectory(prefix='fade-asr-cost-') as tmp:
+        lm, store = whisper_shaped_offloaded(shape, Path(tmp) / 'blocks', seed) if mode == 'offload' else (whisper_shaped(shape, seed), None)
+        gc.collect()
+        r1 = _vm_mb('VmRSS')
+        cfg = load_recipe(recipe, n_calib=n_calib, seed=seed)
+        calib = calibration_subset(cfg.calib_data, cfg.n_calib, cfg.seed)
+        (qm, rep), s = _timed(lambda: quantize(lm.model, calib, cfg, processor=lm.processor, progress=False,
+                                               inplace=mode == 'inplace', offload=store))
     c = lm.model.config
     return dict(shape=shape, recipe=recipe, n_calib=len(calib), seed=seed, mode=mode, cap_mb=cap_mb, seconds=s,
                 diagnostic_seconds=rep.diagnostic_seconds, params=sum(p.numel() for p in lm.model.parameters()),
@@ -1049,7 +1087,8 @@ def whisper_counts(shape: str) -> tuple[int, int]:
 # %% ../nbs/22_benchmark.ipynb #7ae57ade
 def memory_model(p: dict, solution_bytes: float = 1.0) -> dict[str, float]:
     """The predicted peak (MB) of one `cost_point` run `p`, in parts: the process with the FP twin built
-    (`rss_model_mb`, measured), the quantized twin (4 bytes per parameter; in place, the copy of one decoder block), the
+    (`rss_model_mb`, measured; offloaded, only what is outside the blocks), the quantized twin (4 bytes per parameter;
+    in place, the copy of one decoder block; offloaded, that block and its copy), the
     kept solutions (`solution_bytes` per quantized weight), and one block's working set: both twins' hidden states and
     the FP twin's cached linear inputs for every calibration window (1,500 encoder positions each), ten float32 n×n
     matrices for the widest layer (its split-half and merged statistics, GPTQ's and QEP's factors; n = the FFN width),
@@ -1058,7 +1097,8 @@ def memory_model(p: dict, solution_bytes: float = 1.0) -> dict[str, float]:
     heads, batch = p.get('heads', COST_SHAPES[p['shape']][3]), min(p.get('batch_size', 8), p['n_windows'])
     acts = tok * 4 * (2 * d + min(3 * d + f, p['fp_cache_mb'] * MB / (4 * tok)))
     attn = 2 * batch * heads * 1500 ** 2 * 4
-    twin = 4 * (8 * d * d + 2 * d * f) if p.get('mode', 'copy') == 'inplace' else 4 * p['params']   # in place: one decoder block
+    block, mode = 4 * (8 * d * d + 2 * d * f), p.get('mode', 'copy')       # one decoder block's bytes
+    twin = {'copy': 4 * p['params'], 'inplace': block, 'offload': 2 * block}[mode]
     parts = {'process + FP twin': p['rss_model_mb'], 'quantized twin': twin / MB,
              'solutions': solution_bytes * p['linear_params'] / MB, 'block working set': (acts + 10 * 4 * f * f + attn) / MB}
     return {**parts, 'total': sum(parts.values())}
@@ -1113,12 +1153,13 @@ def _n0(points: Sequence[dict]) -> int:
 
 def large_v3_prediction(points: Sequence[dict], solution_bytes: float = 1.0, mode: str = 'copy') -> dict[str, float]:
     """`memory_model` for Whisper large-v3 (1.55 B parameters) quantized in `mode`, from the largest measured GPTQ point
-    at the suite's `n_calib`: its process size before the model, its calibration windows, large-v3's own counts and widths."""
+    at the suite's `n_calib`: its process size before the model, its calibration windows, large-v3's own counts and widths
+    (offloaded, what is resident is roughly all but the blocks' linear weights)."""
     p = max((q for q in points if q['recipe'].startswith('gptq')), key=lambda q: (q['n_calib'] == _n0(points), q['params']))
     P, L = whisper_counts('large-v3')
     d, _, ffn, heads = LARGE_V3
     return memory_model({**p, 'params': P, 'linear_params': L, 'd_model': d, 'ffn': ffn, 'heads': heads, 'mode': mode,
-                         'rss_model_mb': p['rss_start_mb'] + 4 * P / 2**20}, solution_bytes)
+                         'rss_model_mb': p['rss_start_mb'] + 4 * (P if mode != 'offload' else P - L) / 2**20}, solution_bytes)
 
 # %% ../nbs/22_benchmark.ipynb #b4b60704
 def _slope(xs, ys) -> float: return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0])
@@ -1154,7 +1195,7 @@ def cost_markdown(points: Sequence[dict]) -> str:
 
 # %% ../nbs/22_benchmark.ipynb #1a55196c
 def plot_cost(points: Sequence[dict], path=None):
-    """Four panels: seconds and peak RSS against parameter count (two twins, with the memory model; in place as stars),
+    """Four panels: seconds and peak RSS against parameter count (two twins, with the memory model; in place as stars, offloaded as crosses),
     and against n_calib on tiny.en."""
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(2, 2, figsize=(10, 7))
@@ -1167,8 +1208,9 @@ def plot_cost(points: Sequence[dict], path=None):
         axs[0, 1].plot(x, [p['peak_mb'] / 1024 for p in sz], 'o', color=c, label=f'{r} (measured)')
         axs[0, 1].plot(x, [memory_model(p)['total'] / 1024 for p in sz], '--', color=c, label=f'{r} (memory model)')
         for p in (p for p in points if p['recipe'] == r and not copy_(p)):
-            axs[0, 1].plot(p['params'] / 1e6, p['peak_mb'] / 1024, '*', ms=12, color=c, label=f'{r} ({_mode(p)})')
-            axs[0, 1].plot(p['params'] / 1e6, memory_model(p)['total'] / 1024, '_', ms=16, mew=2, color=c, label=f'{r} in place (memory model)')
+            mk = '*' if p['mode'] == 'inplace' else 'P'
+            axs[0, 1].plot(p['params'] / 1e6, p['peak_mb'] / 1024, mk, ms=12, color=c, label=f'{r} ({_mode(p)})')
+            axs[0, 1].plot(p['params'] / 1e6, memory_model(p)['total'] / 1024, '_', ms=16, mew=2, color=c, label=f"{r} {p['mode']} (memory model)")
         axs[1, 0].plot([p['n_calib'] for p in nc], [p['seconds'] for p in nc], 'o-', color=c, label=r)
         axs[1, 1].plot([p['n_calib'] for p in nc], [p['peak_mb'] / 1024 for p in nc], 'o-', color=c, label=r)
     for ax, (xl, yl) in zip(axs.flat, [('parameters (M)', 'quantization (s)'), ('parameters (M)', 'peak RSS (GB)'),
@@ -1197,6 +1239,7 @@ def write_cost_report(out_dir='bench/cost', points: Sequence[dict] | None = None
     md = cost_markdown(pts)
     atomic_write_text(out / 'results.md', md)
     atomic_write_text(out / 'results.json', json.dumps(dict(points=pts, large_v3=large_v3_prediction(pts),
-                                                            large_v3_inplace=large_v3_prediction(pts, mode='inplace')), indent=1) + '\n')
+                                                            large_v3_inplace=large_v3_prediction(pts, mode='inplace'),
+                                                            large_v3_offload=large_v3_prediction(pts, mode='offload')), indent=1) + '\n')
     fig = plot_cost(pts); fig.savefig(out / 'cost.png', dpi=110, bbox_inches='tight'); plt.close(fig)
     return md

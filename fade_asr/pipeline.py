@@ -6,29 +6,32 @@ Docs: https://fade-asr.github.io/fade_asr/pipeline.html.md"""
 
 # %% ../nbs/16_pipeline.ipynb #125b91ed
 from __future__ import annotations
-import copy, json, math, resource, time
+import copy, json, math, os, resource, time
 from dataclasses import dataclass, field, asdict, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from fastcore.basics import patch
+from safetensors.torch import load_file, save_file
 
-from .util import atomic_write_text, quiet
+from .util import atomic_write_text, check_output_dir, fsync_path, quiet
 from .quantizer import QuantResult, compute_dtype, rtn
 from .gptq import gptq, layer_loss, torch_threads
 from .qep import LayerStats, qep_correction, qep_delta
 from . import fade as F
 from .kernels import gptq_gpu
-from .families import ModelAdapter, CalibWindow, name_matches, padding_fraction
+from .families import ModelAdapter, CalibWindow, family_for, name_matches, padding_fraction
 from .models import get_adapter
 from .data import load_dataset, held_out
 from .recipes import QuantConfig, resolve_config
 
 # %% auto #0
 __all__ = ['METHODS', 'LayerRecord', 'QuantReport', 'prepare_windows', 'Method', 'FP', 'RTN', 'GPTQ', 'QEP', 'oracle_objective',
-           'output_error', 'Oracle', 'SequentialPass', 'FADE', 'method_for', 'QEPFull', 'quantize']
+           'output_error', 'Oracle', 'BlockStore', 'SequentialPass', 'FADE', 'method_for', 'QEPFull', 'quantize',
+           'restore_blocks', 'load_offloaded']
 
 # %% ../nbs/16_pipeline.ipynb #bd4ac8f3
 @dataclass
@@ -213,7 +216,7 @@ class Method:
     prepare_seconds = 0.0   # time spent in `prepare` (FADE's diagnostic pass)
 
     def __init__(self, cfg: QuantConfig): self.cfg = cfg
-    def prepare(self, model: nn.Module, adapter: ModelAdapter, windows: list, v_raw: dict, progress: bool) -> None: pass
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, windows: list, v_raw: dict, progress: bool, store=None) -> None: pass
     def alpha(self, rec: LayerRecord, mom) -> float | None:
         "The method's own α for this layer (None: `solve` chooses it)."
         return 0.0
@@ -314,12 +317,58 @@ class Oracle(Method):
         rec.alpha, res, rec.oracle_curve = _oracle_solve(W, mom, dev, self.cfg, rec.name)
         return res
 
+# %% ../nbs/16_pipeline.ipynb #98f1becb
+class BlockStore:
+    """The tensors of a model's blocks on disk, one safetensors file per block in `folder` (new or empty; `create=False`:
+    an existing store), so that only the block being worked on is in memory. `put` writes a block and frees it, `get`
+    brings it back."""
+    def __init__(self, folder, create: bool = True):
+        if create: self.folder = check_output_dir(folder); self.folder.mkdir(parents=True, exist_ok=True)
+        elif not Path(folder).is_dir(): raise FileNotFoundError(f"{folder} is not a folder of stored blocks")
+        else: self.folder = Path(folder)
+    def path(self, fb) -> Path: return self.folder / f'{fb.prefix}.safetensors'
+    @staticmethod
+    def tensors(fb) -> dict[tuple, torch.Tensor]:
+        "(submodule, kind, name) → tensor, for every parameter and persistent buffer of the block (what its file holds)."
+        out = {}
+        for mod_name, mod in fb.module.named_modules():
+            for kind in ('_parameters', '_buffers'):
+                for k, t in getattr(mod, kind).items():
+                    if t is not None and k not in (mod._non_persistent_buffers_set if kind == '_buffers' else ()):
+                        out[mod_name, kind, k] = t
+        return out
+    def put(self, fb, write: bool = True):
+        "Write block `fb`'s tensors to its file (atomically; `write=False`: they are there already) and free them."
+        ts = self.tensors(fb)
+        if write:
+            p = self.path(fb); tmp = p.with_name(f'.{p.name}.{os.getpid()}.tmp')
+            save_file({'.'.join(filter(None, (m, k))): t.detach().contiguous() for (m, _, k), t in ts.items()}, str(tmp))
+            fsync_path(tmp); os.replace(tmp, p)
+        elif not self.path(fb).is_file(): raise FileNotFoundError(f"{self.path(fb)} is missing: block {fb.prefix} was never stored")
+        for (m, kind, k), t in ts.items():
+            meta = torch.empty_like(t, device='meta')
+            getattr(fb.module.get_submodule(m), kind)[k] = nn.Parameter(meta, t.requires_grad) if kind == '_parameters' else meta
+    def get(self, fb):
+        "Bring block `fb`'s tensors back from its file."
+        fb.module.load_state_dict(load_file(str(self.path(fb))), assign=True)
+    @staticmethod
+    def resident(fb) -> bool: return not any(t.is_meta for t in BlockStore.tensors(fb).values())
+
+# %% ../nbs/16_pipeline.ipynb #90bb06d4
+def _each_block(adapter: ModelAdapter, store: BlockStore | None = None):
+    "Every block of the adapter's model, each in memory while the caller looks at it (from `store` and freed after, if it is on disk)."
+    for b in adapter.blocks():
+        if store is None or store.resident(b): yield b; continue
+        store.get(b)
+        try: yield b
+        finally: store.put(b, write=False)
+
 # %% ../nbs/16_pipeline.ipynb #72aec612
-def _check_model(adapter: ModelAdapter, cfg: QuantConfig):
+def _check_model(adapter: ModelAdapter, cfg: QuantConfig, store: BlockStore | None = None):
     "Fail before any work: spec vs every layer's width, NaN/Inf weights (naming the layer)."
     names = adapter.linear_names()
     if not names: raise ValueError("no linear layer is in scope; loosen include/exclude")
-    for b in adapter.blocks():
+    for b in _each_block(adapter, store):
         for rel in (r for g in b.groups for r in g):
             W = b.linear(rel).weight
             try: cfg.spec.validate(W.shape[1])
@@ -351,17 +400,20 @@ def _fp_cache(adapter, fb, state_fp, budget_bytes: float):
 class SequentialPass:
     """Quantize `q` in place with `method`, block by block and group by group, against the untouched twin `fp`; fills
     `records`. `q=None`: a lazy twin, each block copied from `fp` when reached and dropped once solved, so one quantized
-    block is in memory at a time; with `inplace`, each solved block is written back into `fp`, which ends up quantized."""
+    block is in memory at a time; with `inplace`, each solved block is written back into `fp`, which ends up quantized.
+    `store`: `fp`'s blocks are on disk (a `BlockStore`, with `q=None`); each is brought in when reached and freed after
+    (written back, solved, with `inplace`)."""
     def __init__(self, fp: nn.Module, q: nn.Module | None, adapter: ModelAdapter, windows: Sequence[CalibWindow], method: Method,
                  records: dict[str, LayerRecord], *, split_half: bool = True, progress: bool = True,
                  callback: Callable | None = None, desc: str = 'quantize', dev_windows: Sequence[CalibWindow] = (),
-                 inplace: bool = False, keep_solutions: bool = True):
+                 inplace: bool = False, keep_solutions: bool = True, store: BlockStore | None = None):
         if inplace and q is not None: raise ValueError("inplace writes the solved blocks into fp: pass q=None")
+        if store is not None and q is not None: raise ValueError("with a store, only fp's blocks are on disk: pass q=None")
         self.fp, self.q, self.adapter, self.method, self.cfg = fp, q, adapter, method, method.cfg
         self.windows, self.dev_windows = list(windows), list(dev_windows)
         self.allw = self.windows + self.dev_windows       # window index -> window; dev windows after the calibration ones
         self.records, self.split_half, self.callback = records, split_half, callback
-        self.progress, self.desc, self.inplace, self.keep_solutions = progress, desc, inplace, keep_solutions
+        self.progress, self.desc, self.inplace, self.keep_solutions, self.store = progress, desc, inplace, keep_solutions, store
         self.solutions: dict[str, QuantResult] = {}       # what each layer was solved to, for packing and export
         self.block_errs: list[dict] = []                  # {'stack', 'block', 'rel_err'}: block-output errors
 
@@ -386,9 +438,11 @@ def run(self: SequentialPass) -> SequentialPass:
                  for tw, m in twins.items()}
         for fb, qb in ((f, g) for f, g in zip(fblocks, qblocks) if f.stack == stack):
             bar.set_postfix_str(fb.prefix)
+            if self.store is not None: self.store.get(fb)
             if qb is None: qb = replace(fb, module=copy.deepcopy(fb.module))   # lazy: this block's own copy, for as long as it takes
             self.block(fb, qb, batches, n_cal, state)
             if self.inplace: self.write_back(fb, qb)
+            if self.store is not None: self.store.put(fb, write=self.inplace)
             bar.update(1)
         for tw, m in twins.items():
             for k, b in enumerate(batches):
@@ -503,21 +557,24 @@ def solve(self: SequentialPass, fb, qb, r: str, st: LayerStats, dev, t_collect: 
 @patch
 @torch.no_grad()
 def write_back(self: SequentialPass, fb, qb):
-    "Copy the solved block `qb`'s linear weights into the FP twin's block `fb`; its kept solutions then point at `fb`'s tensors."
+    "Copy the solved block `qb`'s linear weights into the FP twin's block `fb`; its kept solutions then point at `fb`'s tensors (at none, with a store)."
     for r in (r for g in fb.groups for r in g):
         w = fb.linear(r).weight
         w.copy_(qb.linear(r).weight)
-        if fb.full(r) in self.solutions: self.solutions[fb.full(r)] = _kept(self.solutions[fb.full(r)], w.data)
+        if fb.full(r) in self.solutions:                # on disk, the solution keeps no weight: its shape only
+            self.solutions[fb.full(r)] = _kept(self.solutions[fb.full(r)], w.data if self.store is None else w.data.to('meta'))
 
 # %% ../nbs/16_pipeline.ipynb #1f62b214
-def _v_raw(adapter: ModelAdapter, cfg: QuantConfig) -> dict[str, float]:
-    return {b.full(r): float(F.v_int(b.linear(r).weight.detach().float(), cfg.spec)) for b in adapter.blocks() for g in b.groups for r in g}
+def _v_raw(adapter: ModelAdapter, cfg: QuantConfig, store: BlockStore | None = None) -> dict[str, float]:
+    "Each layer's raw V_int, from its weights (a block at a time from `store`, when they are on disk)."
+    return {b.full(r): float(F.v_int(b.linear(r).weight.detach().float(), cfg.spec))
+            for b in _each_block(adapter, store) for g in b.groups for r in g}
 
 # %% ../nbs/16_pipeline.ipynb #9b2feb94
 class FADE(Method):
     """FADE: a per-layer α from V_int (weights, z-scored) and R_calib (split-half agreement of the correction): z-scored
     after a diagnostic pass (`fade_norm = 'diagnostic'`), or in one pass against its noise floor or as a reliability."""
-    def prepare(self, model, adapter, windows, v_raw, progress):
+    def prepare(self, model, adapter, windows, v_raw, progress, store=None):
         cfg, t1 = self.cfg, time.time()
         if cfg.fade_use_r and {w.half for w in windows} != {'A', 'B'}:
             raise ValueError(f"FADE's R_calib needs calibration windows in both halves but there is only {len(windows)} "
@@ -528,7 +585,7 @@ class FADE(Method):
         if cfg.fade_use_r and cfg.fade_norm == 'diagnostic':        # a GPTQ pass first, for every layer's raw R_calib
             drec = _fresh_records(adapter)
             SequentialPass(model, None, adapter, windows, GPTQ(replace(cfg, method='gptq')), drec, progress=progress,
-                           desc='FADE diagnostic pass', keep_solutions=False).run()   # a lazy twin: only the records are needed
+                           desc='FADE diagnostic pass', keep_solutions=False, store=store).run()   # a lazy twin: only the records are needed
             r_raw = {k: (r.r_calib if math.isfinite(r.r_cos) else None) for k, r in drec.items()}   # None: uninformative
             self.alphas = F.fade_alphas(v_raw, r_raw, use_v=cfg.fade_use_v, use_r=True, **span)
             self.prepare_seconds = time.time() - t1
@@ -583,13 +640,16 @@ METHODS['qep_full'] = QEPFull
 
 # %% ../nbs/16_pipeline.ipynb #764893a9
 def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *, processor=None, progress: bool = True,
-             callback: Callable | None = None, dev=None, inplace: bool = False, **overrides) -> tuple[nn.Module, QuantReport]:
+             callback: Callable | None = None, dev=None, inplace: bool = False, offload=None, **overrides) -> tuple[nn.Module, QuantReport]:
     """Quantize the weights of a copy of `model` with `config` (a `QuantConfig`, or a recipe name) on calibration
     utterances `calib` (`dev`: the oracle's dev utterances; default the `dev_split` split of `calib_data`).
     Returns the quantized copy and a `QuantReport` (with each layer's solution); `model` itself is never modified, unless
     `inplace`: then `model` itself is quantized and returned, and only one twin is ever in memory (see the cost suite);
-    an error part-way then leaves `model` partly quantized: reload it."""
+    an error part-way then leaves `model` partly quantized: reload it. `offload` (a folder, or a `BlockStore`), which
+    implies `inplace`: `model`'s blocks live on disk there, one in memory at a time, and stay there, quantized
+    (`restore_blocks` brings them back)."""
     cfg, t0 = resolve_config(config, **overrides), time.time()
+    inplace = inplace or offload is not None
     if cfg.act.bits:
         raise ValueError(f"recipe {cfg.name or cfg.method!r} quantizes activations too (act_bits={cfg.act.bits}); "
                          "pipeline.quantize does the weights only: use stablequant.quantize_model (weights, then activations)")
@@ -602,18 +662,25 @@ def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *
     if calib is None or len(calib) == 0:
         raise ValueError("the calibration set is empty; pass utterances, e.g. data.calibration_subset('asterisk', n=128, seed=0)")
     adapter = get_adapter(model, processor, include=cfg.include, exclude=cfg.exclude, language=cfg.language, task=cfg.task)
-    _check_model(adapter, cfg)
+    store = offload if isinstance(offload, BlockStore) or offload is None else BlockStore(offload)
+    on_disk = store is not None and not all(store.resident(b) for b in adapter.blocks())
+    if on_disk and cfg.teacher != 'reference':
+        raise ValueError(f"teacher={cfg.teacher!r} decodes with the whole model, whose blocks are on disk; use teacher='reference'")
+    _check_model(adapter, cfg, store)
     model.eval()
     windows = prepare_windows(adapter, calib, cfg, model)
     rep.n_windows, rep.n_utterances = len(windows), sum(len(w.ids) for w in windows)
     if adapter.window_s: rep.padding_fraction = padding_fraction(windows, adapter.window_s)
     dev_windows = _dev_windows(adapter, dev, calib, cfg, model) if method.needs_dev else []
     rep.n_dev_windows, rep.n_dev_utterances = len(dev_windows), sum(len(w.ids) for w in dev_windows)
-    v_raw = _v_raw(adapter, cfg)
-    method.prepare(model, adapter, windows, v_raw, progress)
+    if store is not None:
+        for b in adapter.blocks():
+            if store.resident(b): store.put(b)      # from here on, one block in memory at a time
+    v_raw = _v_raw(adapter, cfg, store)
+    method.prepare(model, adapter, windows, v_raw, progress, store)
     rep.diagnostic_seconds = method.prepare_seconds
     records, qmodel = _fresh_records(adapter), model if inplace else copy.deepcopy(model).eval()
-    sp = SequentialPass(model, None if inplace else qmodel, adapter, windows, method, records, inplace=inplace,
+    sp = SequentialPass(model, None if inplace else qmodel, adapter, windows, method, records, inplace=inplace, store=store,
                         split_half={w.half for w in windows} == {'A', 'B'}, progress=progress, callback=callback,
                         desc=f'{cfg.method} W{cfg.spec.bits}', dev_windows=dev_windows).run()
     rep.blocks, rep.solutions = sp.block_errs, sp.solutions
@@ -625,3 +692,71 @@ def quantize(model: nn.Module, calib, config: QuantConfig | str | None = None, *
     rep.layers = list(records.values())
     rep.seconds, rep.peak_rss_mb = time.time() - t0, _peak_rss_mb()
     return qmodel, rep
+
+# %% ../nbs/16_pipeline.ipynb #bfb1cd7a
+def restore_blocks(model: nn.Module, store, solutions: dict | None = None) -> nn.Module:
+    """Bring every block of `model` back into memory from `store` (a `BlockStore` or its folder); the `solutions` (a
+    report's) then point at their layers' weights again."""
+    store = store if isinstance(store, BlockStore) else BlockStore(store, create=False)
+    for b in get_adapter(model).blocks():
+        if not store.resident(b): store.get(b)
+    for name, res in (solutions or {}).items():
+        solutions[name] = _kept(res, model.get_submodule(name).weight.data)
+    return model
+
+# %% ../nbs/16_pipeline.ipynb #564f657b
+_ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'I64': torch.int64,
+              'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
+
+def _st_entries(d: Path) -> dict[str, tuple[Path, int, dict]]:
+    "Tensor name → (file, data start, header entry) over a checkpoint's safetensors files (one, or shards with an index)."
+    idx = d / 'model.safetensors.index.json'
+    files = sorted(set(json.loads(idx.read_text(encoding='utf-8'))['weight_map'].values())) if idx.is_file() else ['model.safetensors']
+    out = {}
+    for f in files:
+        if not (d / f).is_file(): raise FileNotFoundError(f"{d / f} is missing: the checkpoint needs its safetensors weights")
+        with open(d / f, 'rb') as fh:
+            n = int.from_bytes(fh.read(8), 'little'); head = json.loads(fh.read(n))
+        out.update({k: (d / f, 8 + n, v) for k, v in head.items() if k != '__metadata__'})
+    return out
+
+def _st_read(entry, dtype: torch.dtype) -> torch.Tensor:
+    "One tensor of a safetensors file, read into memory of its own (no memory map), as `dtype`."
+    path, base, e = entry
+    a, b = e['data_offsets']
+    with open(path, 'rb') as fh:
+        fh.seek(base + a); buf = bytearray(fh.read(b - a))
+    t = torch.frombuffer(buf, dtype=_ST_DTYPES[e['dtype']]) if buf else torch.empty(0, dtype=_ST_DTYPES[e['dtype']])
+    return t.reshape(e['shape']).to(dtype if t.is_floating_point() else t.dtype)
+
+# %% ../nbs/16_pipeline.ipynb #86af8716
+def load_offloaded(source, folder, processor=None) -> tuple[nn.Module, object, BlockStore]:
+    """(model, processor, store) for the Hugging Face checkpoint `source`, its blocks in a new `BlockStore` at
+    `folder` and only the rest in memory (`processor`: default the checkpoint's own, if it has one): for `quantize(..., offload=store)` on a model larger than memory."""
+    import transformers
+    d = Path(source).expanduser()
+    family_for(json.loads((d / 'config.json').read_text(encoding='utf-8'))['model_type'])   # a clear error for others
+    config = transformers.AutoConfig.from_pretrained(d, local_files_only=True)
+    with torch.device('meta'): model = transformers.AutoModelForSpeechSeq2Seq.from_config(config)
+    if processor is None and (d / 'preprocessor_config.json').is_file():
+        processor = transformers.AutoProcessor.from_pretrained(d, local_files_only=True)
+    ents, want, store = _st_entries(d), model.state_dict(), BlockStore(folder)
+    extra = sorted(set(ents) - set(want))
+    if extra: raise ValueError(f"{d}: {len(extra)} tensor(s) the config has no place for ({', '.join(extra[:3])}); config and weights differ")
+    def read(k):
+        t = _st_read(ents[k], want[k].dtype)
+        if t.shape != want[k].shape: raise ValueError(f"{d}: tensor {k} is {tuple(t.shape)}, the config wants {tuple(want[k].shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all(): raise ValueError(f"{d}: tensor {k} holds NaN/inf values")
+        return t
+    blocks = get_adapter(model, processor).blocks()
+    for b in blocks:                                  # one block in memory at a time
+        keys = [k for k in ents if k.startswith(b.prefix + '.')]
+        b.module.load_state_dict({k[len(b.prefix) + 1:]: read(k) for k in keys}, assign=True)
+        store.put(b)
+    inside = tuple(b.prefix + '.' for b in blocks)
+    model.load_state_dict({k: read(k) for k in ents if not k.startswith(inside)}, strict=False, assign=True)
+    model.tie_weights()
+    left = [k for k, v in model.state_dict().items() if v.is_meta and not k.startswith(inside)]
+    left += [k for k, v in model.named_buffers() if v.is_meta and not k.startswith(inside)]
+    if left: raise ValueError(f"{d}: {', '.join(left[:3])} are not in the checkpoint; load this model whole, with models.load_model")
+    return model.eval(), processor, store
