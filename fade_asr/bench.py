@@ -6,17 +6,17 @@ Docs: https://fade-asr.github.io/fade_asr/benchmark.html.md"""
 
 # %% auto #0
 __all__ = ['BENCH_TEST_FRACTION', 'RUN_KEY', 'ACT_PAIRS', 'BASE_PAIRS', 'BENCH_SHAPES', 'BENCH_BATCHES', 'COST_SHAPES',
-           'LARGE_V3', 'COST_RECIPES', 'COST_CAP_MB', 'BenchMethod', 'default_methods', 'bench_test_set', 'run_path',
-           'model_sha256', 'data_sha256', 'run_key', 'claim_runs', 'measure_run', 'run_one', 'bench_datasets',
-           'run_on_cluster', 'run_bench', 'load_runs', 'summary_rows', 'summary_table', 'sign_flip_p', 'paired_compare',
-           'paired_table', 'plot_wer_vs_bits', 'plot_alpha_per_layer', 'plot_error_through_depth', 'write_report',
-           'act_methods', 'plot_act_wer', 'plot_sensitivity', 'write_act_report', 'ggml_methods', 'ggml_speed',
-           'ggml_rows', 'ggml_table', 'plot_ggml', 'write_ggml_report', 'base_methods', 'plot_base',
-           'write_base_report', 'bench_kernels', 'decoder_latency', 'bench_markdown', 'write_bench_kernels',
-           'long_audio_memory', 'profile_parts', 'quantize_parts', 'eval_parts', 'speed_suite', 'speed_markdown',
-           'plot_speed', 'write_speed_report', 'whisper_shaped', 'whisper_shaped_offloaded', 'cost_point',
-           'whisper_counts', 'memory_model', 'cost_grid', 'run_cost', 'load_cost_point', 'large_v3_prediction',
-           'cost_markdown', 'plot_cost', 'write_cost_report']
+           'LARGE_V3', 'COST_RECIPES', 'COST_CAP_MB', 'COST_OFFLOAD_CAP_MB', 'BenchMethod', 'default_methods',
+           'bench_test_set', 'run_path', 'model_sha256', 'data_sha256', 'run_key', 'claim_runs', 'measure_run',
+           'run_one', 'bench_datasets', 'run_on_cluster', 'run_bench', 'load_runs', 'summary_rows', 'summary_table',
+           'sign_flip_p', 'paired_compare', 'paired_table', 'plot_wer_vs_bits', 'plot_alpha_per_layer',
+           'plot_error_through_depth', 'write_report', 'act_methods', 'plot_act_wer', 'plot_sensitivity',
+           'write_act_report', 'ggml_methods', 'ggml_speed', 'ggml_rows', 'ggml_table', 'plot_ggml',
+           'write_ggml_report', 'base_methods', 'plot_base', 'write_base_report', 'bench_kernels', 'decoder_latency',
+           'bench_markdown', 'write_bench_kernels', 'long_audio_memory', 'profile_parts', 'quantize_parts',
+           'eval_parts', 'speed_suite', 'speed_markdown', 'plot_speed', 'write_speed_report', 'whisper_shaped',
+           'whisper_shaped_offloaded', 'cost_point', 'whisper_counts', 'memory_model', 'cost_grid', 'run_cost',
+           'load_cost_point', 'large_v3_prediction', 'cost_markdown', 'plot_cost', 'write_cost_report']
 
 # %% ../nbs/22_benchmark.ipynb #81854782
 import copy, cProfile, hashlib, inspect, itertools, json, os, platform, pstats, resource, tempfile, threading, time
@@ -1106,13 +1106,15 @@ def memory_model(p: dict, solution_bytes: float = 1.0) -> dict[str, float]:
 # %% ../nbs/22_benchmark.ipynb #4c7ce0fa
 COST_RECIPES = ('gptq-w3g128', 'fade-w3g128')
 COST_CAP_MB = 9216                # the address-space cap of the in-place medium run: below what the copy mode needs
+COST_OFFLOAD_CAP_MB = 4096        # ... and of the offloaded one: below what in place needs (its peak RSS was 6.0 GB)
 
 def cost_grid(shapes: Sequence[str] = tuple(COST_SHAPES), recipes: Sequence[str] = COST_RECIPES, n_calib: int = 8,
               n_calibs: Sequence[int] = (8, 16, 32, 64)) -> list[tuple]:
     """The cost suite's points (shape, recipe, n_calib, mode, cap_mb): every shape at `n_calib`, tiny.en at each of
-    `n_calibs`, then GPTQ in place on the largest shape under `COST_CAP_MB`."""
+    `n_calibs`, then GPTQ on the largest shape in place under `COST_CAP_MB` and offloaded under `COST_OFFLOAD_CAP_MB`."""
     pts = [(s, r, n_calib, 'copy', None) for r in recipes for s in shapes] + [('tiny', r, n, 'copy', None) for r in recipes for n in n_calibs]
-    return list(dict.fromkeys(pts)) + [(shapes[-1], recipes[0], n_calib, 'inplace', COST_CAP_MB)]
+    return list(dict.fromkeys(pts)) + [(shapes[-1], recipes[0], n_calib, 'inplace', COST_CAP_MB),
+                                       (shapes[-1], recipes[0], n_calib, 'offload', COST_OFFLOAD_CAP_MB)]
 
 # %% ../nbs/22_benchmark.ipynb #ac93280e
 _COST_PROBE = ("import json, sys; from fade_asr.bench import cost_point; a = sys.argv[1:]; "

@@ -6,7 +6,7 @@ Docs: https://fade-asr.github.io/fade_asr/pipeline.html.md"""
 
 # %% ../nbs/16_pipeline.ipynb #125b91ed
 from __future__ import annotations
-import copy, json, math, os, resource, time
+import copy, ctypes, json, math, os, resource, time
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -317,6 +317,13 @@ class Oracle(Method):
         rec.alpha, res, rec.oracle_curve = _oracle_solve(W, mom, dev, self.cfg, rec.name)
         return res
 
+# %% ../nbs/16_pipeline.ipynb #fc3e799a
+def _trim_heap():
+    """Give freed heap memory back to the system (glibc's `malloc_trim`; elsewhere nothing). A block's tensors are a few
+    MB each, below glibc's adaptive mmap threshold, so freeing them would otherwise leave the process as large as before."""
+    try: ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError): pass
+
 # %% ../nbs/16_pipeline.ipynb #98f1becb
 class BlockStore:
     """The tensors of a model's blocks on disk, one safetensors file per block in `folder` (new or empty; `create=False`:
@@ -348,6 +355,7 @@ class BlockStore:
         for (m, kind, k), t in ts.items():
             meta = torch.empty_like(t, device='meta')
             getattr(fb.module.get_submodule(m), kind)[k] = nn.Parameter(meta, t.requires_grad) if kind == '_parameters' else meta
+        ts = t = None; _trim_heap()
     def get(self, fb):
         "Bring block `fb`'s tensors back from its file."
         fb.module.load_state_dict(load_file(str(self.path(fb))), assign=True)
