@@ -292,7 +292,7 @@ def _bench_client(a):
 def _bench_cost(a, out: str):
     "The cost suite: it builds its own models (tiny.en and random Whisper shapes) and grid, so it takes only --out and --report-only."
     import fade_asr.bench as B
-    bad = [f'--{k.replace("_", "-")}' for k in ('model', 'data', 'bits', 'seeds', 'methods', 'limit', 'fraction', 'language', 'task')
+    bad = [f'--{k.replace("_", "-")}' for k in ('model', 'data', 'bits', 'seeds', 'methods', 'limit', 'fraction', 'language', 'task', 'workers', 'scheduler')
            if getattr(a, k, None) is not None]
     if bad: sys.exit(f"the cost suite builds its own models and grid; drop {', '.join(bad)} (it takes --out and --report-only)")
     if not a.report_only: B.run_cost(out)

@@ -35,6 +35,7 @@ def test_every_shipped_recipe_loads():
     (['quantize', '--calib-data', 'libri:/x', '--limit', '1'], "unknown corpus kind 'libri'"),
     (['bench', '--workers', '2', '--scheduler', 'tcp://127.0.0.1:9'], 'give one of them'),
     (['bench', '--suite', 'base'], 'never made on test speech: add --split dev'),
+    (['bench', '--suite', 'cost', '--workers', '2'], 'drop --workers'),
 ])
 def test_clear_errors(args, msg):
     r = run_cli(*args)
