@@ -39,7 +39,7 @@ from .models import get_adapter, load_model
 from .data import calibration_subset, load_dataset, shipped_datasets
 from .scoring import DEFAULT_BATCH_SIZE, evaluate, paired_bootstrap, wer_report
 from .recipes import load_recipe
-from .pipeline import (BlockStore, Method, SequentialPass, _run, _split_half, _v_raw, load_offloaded, prepare_windows,
+from .pipeline import (BlockStore, Method, SequentialPass, _fp_cache, _run, _split_half, _v_raw, load_offloaded, prepare_windows,
                                quantize, restore_blocks)
 from .stablequant import quantize_model
 from .packing import QuantLinear, load_packed, pack_model, save_packed
@@ -861,7 +861,7 @@ def profile_parts(fn: Callable, parts: dict[str, Sequence[Callable]]):
 # %% ../nbs/22_benchmark.ipynb #510ff6a8
 def quantize_parts() -> dict[str, list[Callable]]:
     "The disjoint parts of one `quantize()` run, for `profile_parts`."
-    return {'calibration features': [prepare_windows], 'block forwards (both twins)': [_run],
+    return {'calibration features': [prepare_windows], 'block forwards (both twins)': [_run, _fp_cache],
             'input statistics (H, C)': [SequentialPass.gather], 'output errors': [SequentialPass.measure, SequentialPass.advance],
             'split-half R_calib': [_split_half], 'solve (GPTQ + QEP)': [Method.solve],
             'layer losses (report)': [layer_loss], 'V_int': [_v_raw]}
@@ -912,7 +912,8 @@ def speed_suite(model=None, bits: int = 3, group_size: int = 128, seed: int = 0,
     ev = lambda m, ds=None: evaluate(m, lm.processor, ds or data, split='dev', limit=limit, batch_size=bs, progress=False)
     g = f'w{bits}g128'
     runs = {'GPTQ': (f'gptq-{g}', {}), 'FADE (two passes)': (f'fade-{g}', {}),
-            'FADE (one pass)': (f'fade-{g}', {'fade_norm': 'noise_floor'})}
+            'FADE (one pass, noise floor)': (f'fade-{g}', {'fade_norm': 'noise_floor'}),
+            'FADE (one pass, reliability)': (f'fade-{g}', {'fade_norm': 'reliability'})}
     ov = dict(seed=seed, group_size=group_size, **({} if n_calib is None else dict(n_calib=n_calib)))
     cfgs = {k: load_recipe(r, **ov, **o) for k, (r, o) in runs.items()}
     c0 = cfgs['GPTQ']

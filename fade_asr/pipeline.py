@@ -395,7 +395,7 @@ def _fp_cache(adapter, fb, state_fp, budget_bytes: float):
         for h, kw in state_fp:
             tap.reset()
             out = adapter.run_block(fb.module, h, kw)
-            ids = {id(t): t for t in tap.inp.values()}
+            ids = {t.data_ptr(): t for t in tap.inp.values()}   # a hook's detach() is a new object of the same memory
             used += sum(t.numel() * t.element_size() for t in ids.values())
             if used > budget_bytes: return None, None
             cache.append(dict(tap.inp))
@@ -404,17 +404,48 @@ def _fp_cache(adapter, fb, state_fp, budget_bytes: float):
     return cache, used
 
 
+# %% ../nbs/16_pipeline.ipynb #652973c7
+def _tensors(y) -> list[torch.Tensor]:
+    return [y] if isinstance(y, torch.Tensor) else [t for t in y if isinstance(t, torch.Tensor)] if isinstance(y, tuple) else []
+
+class _Memo:
+    """Within one block, replay the outputs of `block`'s direct children whose linears (of `linears`) are all solved,
+    per batch (`k`, set by the caller before each run); at most `budget` bytes, past which they are recomputed."""
+    def __init__(self, block: nn.Module, linears: Sequence[str], budget: float):
+        self.block, self.budget, self.used, self.out, self.k = block, budget, 0, {}, None
+        self.parts = {n: {r for r in linears if r == n or r.startswith(n + '.')} for n, _ in block.named_children()}
+        self.parts = {n: rs for n, rs in self.parts.items() if rs}
+    def freeze(self, solved: set):
+        "Start replaying every child whose linears are all in `solved`."
+        for n, rs in self.parts.items():
+            m = self.block.get_submodule(n)
+            if rs <= solved and 'forward' not in m.__dict__: m.forward = self._replay(n, m.forward)
+    def _replay(self, n, f):
+        def forward(*a, **kw):
+            if (n, self.k) in self.out: return self.out[n, self.k]
+            y = f(*a, **kw)
+            size = sum(t.numel() * t.element_size() for t in _tensors(y))
+            if _tensors(y) and self.used + size <= self.budget: self.out[n, self.k], self.used = y, self.used + size
+            return y
+        return forward
+    def remove(self):
+        "Back to plain forwards; forget what was kept."
+        for n in self.parts: self.block.get_submodule(n).__dict__.pop('forward', None)
+        self.out, self.used = {}, 0
+
 # %% ../nbs/16_pipeline.ipynb #d7228f94
 class SequentialPass:
     """Quantize `q` in place with `method`, block by block and group by group, against the untouched twin `fp`; fills
     `records`. `q=None`: a lazy twin, each block copied from `fp` when reached and dropped once solved, so one quantized
     block is in memory at a time; with `inplace`, each solved block is written back into `fp`, which ends up quantized.
     `store`: `fp`'s blocks are on disk (a `BlockStore`, with `q=None`); each is brought in when reached and freed after
-    (written back, solved, with `inplace`)."""
+    (written back, solved, with `inplace`). `report=False`: skip what only the report reads (each layer's output error
+    and losses, the block errors), as FADE's diagnostic pass does, which needs only R_calib."""
     def __init__(self, fp: nn.Module, q: nn.Module | None, adapter: ModelAdapter, windows: Sequence[CalibWindow], method: Method,
                  records: dict[str, LayerRecord], *, split_half: bool = True, progress: bool = True,
                  callback: Callable | None = None, desc: str = 'quantize', dev_windows: Sequence[CalibWindow] = (),
-                 inplace: bool = False, keep_solutions: bool = True, store: BlockStore | None = None):
+                 inplace: bool = False, keep_solutions: bool = True, store: BlockStore | None = None,
+                 report: bool = True):
         if inplace and q is not None: raise ValueError("inplace writes the solved blocks into fp: pass q=None")
         if store is not None and q is not None: raise ValueError("with a store, only fp's blocks are on disk: pass q=None")
         self.fp, self.q, self.adapter, self.method, self.cfg = fp, q, adapter, method, method.cfg
@@ -422,6 +453,7 @@ class SequentialPass:
         self.allw = self.windows + self.dev_windows       # window index -> window; dev windows after the calibration ones
         self.records, self.split_half, self.callback = records, split_half, callback
         self.progress, self.desc, self.inplace, self.keep_solutions, self.store = progress, desc, inplace, keep_solutions, store
+        self.report = report
         self.solutions: dict[str, QuantResult] = {}       # what each layer was solved to, for packing and export
         self.block_errs: list[dict] = []                  # {'stack', 'block', 'rel_err'}: block-output errors
 
@@ -464,13 +496,18 @@ def block(self: SequentialPass, fb, qb, batches: list, n_cal: int, state: dict):
     "Quantize one block: collect → solve for each group, then collect once more to advance the hidden states."
     cfg = self.cfg
     cache = _fp_cache(self.adapter, fb, state['fp'], cfg.fp_cache_mb * 2**20)[0] if cfg.fp_cache_mb > 0 else None
-    prev, err = [], {}
-    for group in fb.groups + [None]:                  # None: the final collection, which advances
-        t0 = time.time()
-        stats, dstats = self.collect(fb, qb, batches, n_cal, state, cache, group or [], prev, err)
-        t_collect = (time.time() - t0) / max(len(group or []), 1)
-        for r in group or []: self.solve(fb, qb, r, stats.pop(r), dstats.pop(r, None), t_collect)
-        prev = group or []
+    prev, err, solved = [], {}, set()
+    self.memo = _Memo(qb.module, [r for g in fb.groups for r in g], cfg.fp_cache_mb * 2**20)
+    try:
+        for group in fb.groups + [None]:              # None: the final collection, which advances
+            t0 = time.time()
+            self.memo.freeze(solved)
+            stats, dstats = self.collect(fb, qb, batches, n_cal, state, cache, group or [], prev, err)
+            t_collect = (time.time() - t0) / max(len(group or []), 1)
+            for r in group or []: self.solve(fb, qb, r, stats.pop(r), dstats.pop(r, None), t_collect)
+            prev, solved = (group or []) if self.report else [], solved | set(group or [])   # prev: measured next
+    finally: self.memo.remove()
+    if not self.report: return
     tot = [sum(v[i] for v in err.values()) for i in (0, 1)]
     self.block_errs.append({'stack': fb.stack, 'block': fb.index, 'rel_err': math.sqrt(tot[0] / max(tot[1], 1e-30))})
 
@@ -485,21 +522,48 @@ def collect(self: SequentialPass, fb, qb, batches, n_cal, state, cache, collect:
     stats = {r: _stats(fb.linear(r).in_features) for r in collect}
     dstats = {r: _DevStats(fb.linear(r).in_features) for r in collect} if self.dev_windows else {}
     num, den = {r: 0.0 for r in prev}, {r: 0.0 for r in prev}
+    same = {}                                          # layer -> the first of `collect` that reads the same tensors (q/k/v)
     try:
         for k, b in enumerate(batches):
             is_dev, outs = k >= n_cal, {}
             for tw, blk in (('fp', fb), ('q', qb)):
                 if tw not in taps: continue
-                taps[tw].reset()
+                taps[tw].reset(); self.memo.k = k
                 outs[tw] = _run(self.adapter, blk.module, *state[tw][k])
             fin = cache[k] if cache is not None else taps['fp'].inp
             if not is_dev: self.measure(fb, prev, fin, taps, cache is not None, num, den)   # calibration windows only
-            for r in collect: self.gather(fb, r, k, b, is_dev, fin[r], taps['q'].inp[r], state, stats, dstats)
+            if k == 0: same = self.shared(collect, fin, taps['q'].inp, stats)
+            for r in collect:
+                s = same[r]
+                if s != r and not (_same(fin[r], fin[s]) and _same(taps['q'].inp[r], taps['q'].inp[s])):
+                    raise RuntimeError(f"{fb.prefix}: {s} and {r} read one input in batch 0 but not in batch {k}")
+                self.gather(fb, r, k, b, is_dev, fin[r], taps['q'].inp[r], state, stats, dstats, add=s == r)
             if advance: self.advance(k, is_dev, cache[k]['__out__'] if cache is not None else outs['fp'], outs['q'], state, err)
     finally:
         for t in taps.values(): t.remove()
     for r in prev: self.records[fb.full(r)].rel_err = math.sqrt(num[r] / max(den[r], 1e-30))
     return stats, dstats
+
+# %% ../nbs/16_pipeline.ipynb #0f48e077
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    "Whether `a` and `b` view the same memory the same way (a hook's `detach()` makes a new tensor object of the same memory)."
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+# %% ../nbs/16_pipeline.ipynb #2203c770
+@patch
+def shared(self: SequentialPass, collect: list, fin: dict, qin: dict, stats: dict) -> dict[str, str]:
+    """Map each layer of `collect` to the first one that reads the very same memory in both twins, and let it share that
+    one's statistics. (The oracle's dev statistics also hold the layer's own ‖WX‖², so they are never shared.)"""
+    same = {}
+    for r in collect:
+        same[r] = next(s for s in collect if _same(fin[s], fin[r]) and _same(qin[s], qin[r]))
+        stats[r] = stats[same[r]]
+    return same
+
+# %% ../nbs/16_pipeline.ipynb #fcce73f2
+def _sq(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    "‖a − b‖² (‖a‖² without `b`) in one fused float32 reduction, with no temporary: a number for the report."
+    return float(torch.nn.functional.mse_loss(a, b, reduction='sum') if b is not None else torch.linalg.vector_norm(a) ** 2)
 
 # %% ../nbs/16_pipeline.ipynb #a8df0eae
 @patch
@@ -509,19 +573,20 @@ def measure(self: SequentialPass, fb, prev, fin, taps, cached: bool, num: dict, 
         lin = fb.linear(r)
         yf = lin(fin[r]) if cached else taps['fp'].out[r]
         yq = taps['q'].out[r]
-        num[r] += float((yf - yq).pow(2).sum(dtype=torch.float64))
-        den[r] += float((yf - lin.bias if lin.bias is not None else yf).pow(2).sum(dtype=torch.float64))
+        num[r] += _sq(yf, yq)
+        den[r] += _sq(yf, None if lin.bias is None else lin.bias.expand_as(yf))
 
 # %% ../nbs/16_pipeline.ipynb #fd5f7be8
 @patch
-def gather(self: SequentialPass, fb, r, k, b, is_dev, xf, xq, state, stats, dstats):
-    "Add the inputs of layer `r` (FP twin `xf`, quantized twin `xq`) of each window of batch `k` to its statistics."
+def gather(self: SequentialPass, fb, r, k, b, is_dev, xf, xq, state, stats, dstats, add: bool = True):
+    """Add the inputs of layer `r` (FP twin `xf`, quantized twin `xq`) of each window of batch `k` to its statistics
+    (`add=False`: another layer's, already added to the statistics both share)."""
     kwq = state['q'][k][1]
     for j, wi in enumerate(b):
         a, c = self.adapter.token_rows(fb.stack, xf, j, kwq), self.adapter.token_rows(fb.stack, xq, j, kwq)
         try:
             if is_dev: dstats[r].update(fb.linear(r).weight.detach().float(), a, c)
-            else: stats[r].update(a, c, half=0 if self.windows[wi].half == 'A' else 1)
+            elif add: stats[r].update(a, c, half=0 if self.windows[wi].half == 'A' else 1)
         except ValueError as e:
             what = f"dev window {wi - len(self.windows)}" if is_dev else f"window {wi}"
             raise ValueError(f"calibration inputs of layer {fb.full(r)} ({what}): {e}") from None
@@ -531,7 +596,7 @@ def gather(self: SequentialPass, fb, r, k, b, is_dev, xf, xq, state, stats, dsta
 @patch
 def advance(self: SequentialPass, k, is_dev, hf, hq, state, err):
     "Batch `k`'s block outputs become both twins' next hidden states; calibration batches add to the block error."
-    if not is_dev: err[k] = (float((hf - hq).pow(2).sum(dtype=torch.float64)), float(hf.pow(2).sum(dtype=torch.float64)))
+    if not is_dev and self.report: err[k] = (_sq(hf, hq), _sq(hf))
     state['fp'][k][0], state['q'][k][0] = hf, hq
 
 # %% ../nbs/16_pipeline.ipynb #4cbf573d
@@ -552,10 +617,11 @@ def solve(self: SequentialPass, fb, qb, r: str, st: LayerStats, dev, t_collect: 
     rec.n_tokens, rec.dead_inputs = int(mom.N), int((torch.diagonal(H) == 0).sum())
     with torch_threads(1):                             # the same R, α and codes on any thread count (03_gptq)
         if self.split_half and self.method.diagnoses:
-            rec.r_calib, rec.r_cos, rec.r_cos_h = (float(v) for v in _split_half(W, st, cfg, rec.name, H))
+            rec.r_calib, rec.r_cos, rec.r_cos_h = (float(v) for v in _split_half(W, st, cfg, rec.name, H if self.report else None))
         res = self.method.solve(W, mom, rec, dev)
-        rec.loss = float(layer_loss(W, res.weight, H))
-        rec.loss_rtn = float(layer_loss(W, rtn(W, cfg.spec).weight, H))
+        if self.report:
+            rec.loss = float(layer_loss(W, res.weight, H))
+            rec.loss_rtn = float(layer_loss(W, rtn(W, cfg.spec).weight, H))
     lin = qb.linear(r)
     lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
     if self.keep_solutions: self.solutions[rec.name] = _kept(res, lin.weight.data)
@@ -593,7 +659,7 @@ class FADE(Method):
         if cfg.fade_use_r and cfg.fade_norm == 'diagnostic':        # a GPTQ pass first, for every layer's raw R_calib
             drec = _fresh_records(adapter)
             SequentialPass(model, None, adapter, windows, GPTQ(replace(cfg, method='gptq')), drec, progress=progress,
-                           desc='FADE diagnostic pass', keep_solutions=False, store=store).run()   # a lazy twin: only the records are needed
+                           desc='FADE diagnostic pass', keep_solutions=False, store=store, report=False).run()   # a lazy twin: only the records are needed
             r_raw = {k: (r.r_calib if math.isfinite(r.r_cos) else None) for k, r in drec.items()}   # None: uninformative
             self.alphas = F.fade_alphas(v_raw, r_raw, use_v=cfg.fade_use_v, use_r=True, **span)
             self.prepare_seconds = time.time() - t1

@@ -83,7 +83,7 @@ class QuantConfig:
     include: tuple[str, ...] = ()        # scope patterns over full linear names (default: every block linear)
     exclude: tuple[str, ...] = ()
     batch_size: int = 8                  # windows per encoder forward
-    fp_cache_mb: int = 2048              # keep the FP twin's per-block linear inputs up to this size (0: re-run the FP block)
+    fp_cache_mb: int = 2048              # per block, keep the FP twin's linear inputs and the quantized twin's solved parts' outputs, up to this size each (0: re-run them)
     save: str | None = None              # what `fade-asr quantize` writes by default: packed, fake or ggml (None: packed where the GPTQ layout holds the grid)
     name: str = ''                       # recipe name, for the report
     act: ActConfig = field(default_factory=ActConfig)   # the activations (recipe keys act_bits, act_calib, ...)

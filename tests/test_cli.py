@@ -113,7 +113,7 @@ def test_bench_speed_writes_its_report(tmp_path):
     res = json.loads((tmp_path / 's' / 'results.json').read_text())
     assert res['n_calib'] == 4 and res['n_dev'] == {'asterisk': 2, 'harvard': 2}
     assert res['packed']['identical'] == res['packed']['utterances'] == 4
-    assert (tmp_path / 's' / 'profile.png').stat().st_size > 0 and 'FADE (one pass)' in r.stdout
+    assert (tmp_path / 's' / 'profile.png').stat().st_size > 0 and 'FADE (one pass, reliability)' in r.stdout
 
 
 def test_bench_on_local_dask_workers(tmp_path):

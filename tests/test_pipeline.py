@@ -111,7 +111,7 @@ def test_alpha0_qep_equals_gptq(tiny, calib, gptq_run):
 
 
 def test_fp_cache_does_not_change_results(tiny, calib, gptq_run):
-    "Keeping the FP twin's block inputs (default) and re-running the FP block per group give the same model."
+    "Keeping the FP twin's block inputs and replaying the solved parts (default), and re-running both per group, give the same model."
     q1, r1 = quantize(tiny, calib, QuantConfig.make(method='gptq', fp_cache_mb=0, **G32), progress=False)
     a, b = q1.state_dict(), gptq_run['qm'].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
