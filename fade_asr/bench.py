@@ -67,6 +67,7 @@ def default_methods(bits: int) -> list[BenchMethod]:
             BenchMethod('QEP α=0.5', f'qep-{g}'),
             BenchMethod('QEP official', f'qep-official-{g}'),
             BenchMethod('FADE', f'fade-{g}'),
+            BenchMethod('FADE one pass', f'fade-{g}', (('fade_norm', 'reliability'),)),   # R as a reliability: no diagnostic pass
             BenchMethod('FADE V only', f'fade-{g}', (('fade_use_r', False),)),
             BenchMethod('FADE R only', f'fade-{g}', (('fade_use_v', False),)),
             BenchMethod('oracle α (dev)', f'fade-{g}', (('method', 'oracle'),))]
@@ -332,7 +333,8 @@ def paired_compare(runs, a: str, b: str, bits: int, dataset: str, n_boot: int = 
                 boot_delta=100 * bs.delta_wer, boot_ci=(100 * bs.ci_low, 100 * bs.ci_high), p_boot=bs.p_value)
 
 # %% ../nbs/22_benchmark.ipynb #46f0f676
-def paired_table(runs, pairs=(('GPTQ', 'FADE'), ('QEP α=0.5', 'FADE'), ('QEP official', 'FADE')), high_first: bool = False) -> str:
+def paired_table(runs, pairs=(('GPTQ', 'FADE'), ('QEP α=0.5', 'FADE'), ('QEP official', 'FADE'), ('GPTQ', 'FADE one pass'),
+                              ('FADE', 'FADE one pass')), high_first: bool = False) -> str:
     "Markdown table of `paired_compare` for each (a, b) pair, bit width and data set."
     out = ['| bits | data | B vs A | mean ΔWER (B−A) pts | seeds B better | p (sign-flip, seeds) | bootstrap Δ [95% CI] | p (bootstrap) |',
            '|---|---|---|---:|---:|---:|---|---:|']
@@ -1070,7 +1072,7 @@ def cost_point(shape: str = 'tiny', recipe: str = 'gptq-w3g128', n_calib: int = 
     return dict(shape=shape, recipe=recipe, n_calib=len(calib), seed=seed, mode=mode, cap_mb=cap_mb, seconds=s,
                 diagnostic_seconds=rep.diagnostic_seconds, params=sum(p.numel() for p in lm.model.parameters()),
                 linear_params=sum(r.codes.numel() for r in rep.solutions.values()), d_model=c.d_model, ffn=c.encoder_ffn_dim,
-                n_windows=rep.n_windows, batch_size=cfg.batch_size, heads=c.encoder_attention_heads, fp_cache_mb=cfg.fp_cache_mb,
+                n_windows=rep.n_windows, batch_size=cfg.batch_size, heads=c.encoder_attention_heads, fp_cache_mb=cfg.fp_cache_mb, memo=True,
                 rss_start_mb=r0, rss_model_mb=r1, peak_mb=_vm_mb('VmHWM'), threads=torch.get_num_threads())
 
 # %% ../nbs/22_benchmark.ipynb #e579d8b1
@@ -1093,10 +1095,13 @@ def memory_model(p: dict, solution_bytes: float = 1.0) -> dict[str, float]:
     kept solutions (`solution_bytes` per quantized weight), and one block's working set: both twins' hidden states and
     the FP twin's cached linear inputs for every calibration window (1,500 encoder positions each), ten float32 n×n
     matrices for the widest layer (its split-half and merged statistics, GPTQ's and QEP's factors; n = the FFN width),
-    and one encoder batch's attention scores and weights (windows × heads × 1,500², twice)."""
+    and one encoder batch's attention scores and weights (windows × heads × 1,500², twice). Points that record `memo`
+    (taken since the quantized twin replays its solved parts, `pipeline._Memo`) add those outputs: the attention's and
+    fc1's, d + FFN floats per position."""
     MB, tok, d, f = 2**20, p['n_windows'] * 1500, p['d_model'], p['ffn']
     heads, batch = p.get('heads', COST_SHAPES[p['shape']][3]), min(p.get('batch_size', 8), p['n_windows'])
-    acts = tok * 4 * (2 * d + min(3 * d + f, p['fp_cache_mb'] * MB / (4 * tok)))
+    per_tok = p['fp_cache_mb'] * MB / (4 * tok)                              # the budget, in floats per position
+    acts = tok * 4 * (2 * d + min(3 * d + f, per_tok) + (min(d + f, per_tok) if p.get('memo') else 0))
     attn = 2 * batch * heads * 1500 ** 2 * 4
     block, mode = 4 * (8 * d * d + 2 * d * f), p.get('mode', 'copy')       # one decoder block's bytes
     twin = {'copy': 4 * p['params'], 'inplace': block, 'offload': 2 * block}[mode]
@@ -1161,7 +1166,7 @@ def large_v3_prediction(points: Sequence[dict], solution_bytes: float = 1.0, mod
     p = max((q for q in points if q['recipe'].startswith('gptq')), key=lambda q: (q['n_calib'] == _n0(points), q['params']))
     P, L = whisper_counts('large-v3')
     d, _, ffn, heads = LARGE_V3
-    return memory_model({**p, 'params': P, 'linear_params': L, 'd_model': d, 'ffn': ffn, 'heads': heads, 'mode': mode,
+    return memory_model({**p, 'params': P, 'linear_params': L, 'd_model': d, 'ffn': ffn, 'heads': heads, 'mode': mode, 'memo': True,
                          'rss_model_mb': p['rss_start_mb'] + 4 * (P if mode != 'offload' else P - L) / 2**20}, solution_bytes)
 
 # %% ../nbs/22_benchmark.ipynb #b4b60704
