@@ -413,25 +413,31 @@ class _Memo:
     per batch (`k`, set by the caller before each run); at most `budget` bytes, past which they are recomputed."""
     def __init__(self, block: nn.Module, linears: Sequence[str], budget: float):
         self.block, self.budget, self.used, self.out, self.k = block, budget, 0, {}, None
+        self.saved = {}                                   # child -> its own instance `forward` before ours (None: the class's)
         self.parts = {n: {r for r in linears if r == n or r.startswith(n + '.')} for n, _ in block.named_children()}
         self.parts = {n: rs for n, rs in self.parts.items() if rs}
     def freeze(self, solved: set):
         "Start replaying every child whose linears are all in `solved`."
         for n, rs in self.parts.items():
             m = self.block.get_submodule(n)
-            if rs <= solved and 'forward' not in m.__dict__: m.forward = self._replay(n, m.forward)
+            if rs <= solved and n not in self.saved:
+                self.saved[n] = m.__dict__.get('forward')     # e.g. a hook library's wrapper: put back on `remove`
+                m.forward = self._replay(n, m.forward)
     def _replay(self, n, f):
         def forward(*a, **kw):
             if (n, self.k) in self.out: return self.out[n, self.k]
             y = f(*a, **kw)
-            size = sum(t.numel() * t.element_size() for t in _tensors(y))
-            if _tensors(y) and self.used + size <= self.budget: self.out[n, self.k], self.used = y, self.used + size
+            ts = _tensors(y); size = sum(t.numel() * t.element_size() for t in ts)
+            if ts and self.used + size <= self.budget: self.out[n, self.k], self.used = y, self.used + size
             return y
         return forward
     def remove(self):
-        "Back to plain forwards; forget what was kept."
-        for n in self.parts: self.block.get_submodule(n).__dict__.pop('forward', None)
-        self.out, self.used = {}, 0
+        "Back to the forwards the children had; forget what was kept."
+        for n, f in self.saved.items():
+            m = self.block.get_submodule(n)
+            if f is None: del m.forward
+            else: m.forward = f
+        self.saved, self.out, self.used = {}, {}, 0
 
 # %% ../nbs/16_pipeline.ipynb #d7228f94
 class SequentialPass:
