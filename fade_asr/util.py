@@ -6,13 +6,15 @@ Docs: https://fade-asr.github.io/fade_asr/util.html.md"""
 
 # %% ../nbs/00_util.ipynb #1d8bfdbd
 from __future__ import annotations
-import hashlib, json, os, shutil, tempfile, uuid
+import hashlib, json, os, shutil, tempfile, threading, uuid
 from contextlib import contextmanager
 from pathlib import Path
+try: import fcntl
+except ImportError: fcntl = None   # Windows: no advisory locks
 
 # %% auto #0
-__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'check_output_dir', 'clean_stale', 'staging_dir', 'fsync_path', 'publish_dir',
-           'atomic_dir', 'file_sha256', 'quiet']
+__all__ = ['OUTPUT_MARKER', 'atomic_write_text', 'folder_lock', 'check_output_dir', 'clean_stale', 'staging_dir', 'fsync_path',
+           'publish_dir', 'atomic_dir', 'file_sha256', 'quiet']
 
 # %% ../nbs/00_util.ipynb #f0ffac16
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -62,20 +64,37 @@ def _ino(p: Path):
     try: return os.stat(p).st_ino
     except FileNotFoundError: return None
 
+# %% ../nbs/00_util.ipynb #349a2c47
+_held = threading.local()
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike):
+    "Hold an exclusive `flock` on `folder` (POSIX; a no-op elsewhere or if it does not exist), re-entrant per thread."
+    key, held = os.path.realpath(folder), _held.__dict__.setdefault('keys', set())
+    if fcntl is None or key in held or not os.path.isdir(key):
+        yield; return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX); held.add(key)
+        yield
+    finally:
+        held.discard(key); os.close(fd)
+
 # %% ../nbs/00_util.ipynb #021b69de
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     "`out_dir` as a Path if `atomic_dir` may (re)place it; a clear error if that would lose anything that is not ours."
     out = Path(out_dir)
     if out.name in ('', '.', '..'):
         raise ValueError(f"output folder {str(out_dir)!r} names no folder of its own; pass a new folder name, e.g. fade-asr-out/run1")
-    for _ in range(100):                      # another writer may swap the folder while we look: look again
-        before = _ino(out)
-        try: res = _check_output_dir(out, overwrite); err = None
-        except FileNotFoundError: continue
-        except FileExistsError as e: res, err = None, e
-        if _ino(out) == before:
-            if err is not None: raise err
-            return res
+    with folder_lock(out.parent):             # no fade_asr writer swaps it while we look
+        for _ in range(100):                  # a writer outside the package might: look again
+            before = _ino(out)
+            try: res = _check_output_dir(out, overwrite); err = None
+            except FileNotFoundError: continue
+            except FileExistsError as e: res, err = None, e
+            if _ino(out) == before:
+                if err is not None: raise err
+                return res
     raise FileExistsError(f"{str(out)!r} keeps changing while we look (another writer?); try again")
 
 # %% ../nbs/00_util.ipynb #2f253adc
@@ -117,22 +136,23 @@ def fsync_path(path: Path):
         if Path(path).is_file(): raise
 
 # %% ../nbs/00_util.ipynb #bff27f28
-def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
-    "fsync every file and folder of `tmp`, then move it into place as `out` (an earlier `out` is replaced as a whole)."
+def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike, guard=None) -> Path:
+    """fsync every file and folder of `tmp`, then move it into place as `out` (an earlier `out` is replaced as a whole).
+    `guard()`, if given, runs under the folder lock just before the swap; it may raise to stop it."""
     tmp, out = Path(tmp), Path(out)
     for p in sorted(tmp.rglob('*'), reverse=True):              # mkdtemp/mkstemp (and safetensors) make 0700/0600, but a
         os.chmod(p, 0o755 if p.is_dir() else 0o644); fsync_path(p)  # server may run as another user: ordinary permissions
     os.chmod(tmp, 0o755); fsync_path(tmp)
-    last = None
-    for _ in range(100):
-        try: os.replace(tmp, out); break
-        except OSError as e:                                # an earlier (or a racing writer's) folder is in the way
-            last, old = e, _tmp_name(out, 'old')
-            try: os.replace(out, old)
-            except FileNotFoundError: continue              # a racing writer moved it first: try again
-            shutil.rmtree(old, ignore_errors=True)
-    else: raise OSError(f"could not move {tmp} into place as {out} ({last})") from last
-    fsync_path(out.parent)
+    old = None
+    with folder_lock(out.parent):                               # one writer swaps at a time
+        if guard is not None: guard()
+        try: os.replace(tmp, out)
+        except OSError:                                         # an earlier folder is in the way: move it aside first
+            old = _tmp_name(out, 'old'); os.replace(out, old)
+            try: os.replace(tmp, out)
+            except OSError: os.replace(old, out); raise         # put the old one back
+        fsync_path(out.parent)
+    if old is not None: shutil.rmtree(old, ignore_errors=True)  # outside the lock: a big folder takes a while
     return out
 
 # %% ../nbs/00_util.ipynb #f12e5674
@@ -145,8 +165,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     try:
         yield tmp
         (tmp / OUTPUT_MARKER).write_text(json.dumps({'written_by': 'fade_asr', 'files': _files(tmp)}, indent=1))
-        check_output_dir(out, overwrite)                    # nobody put their files there while we worked
-        publish_dir(tmp, out)
+        publish_dir(tmp, out, guard=lambda: check_output_dir(out, overwrite))   # nobody put files there meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
     return out
