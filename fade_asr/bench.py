@@ -55,7 +55,7 @@ class BenchMethod:
     recipe: str                   # recipe name in settings.ini
     overrides: tuple = ()         # (key, value) pairs passed to load_recipe
     seeded: bool = True           # False: data-free, run once
-    ggml: str | None = None       # run in whisper.cpp as this ggml type (q4_1, q5_1, q8_0, f16); None: in PyTorch
+    ggml: str | None = None       # run in whisper.cpp as this ggml type (q4_1, q8_0, f16, ...); None: in PyTorch
 
 # %% ../nbs/22_benchmark.ipynb #533afa7a
 def default_methods(bits: int) -> list[BenchMethod]:
@@ -498,15 +498,20 @@ def write_act_report(out_dir='bench/act', limit: int | None = None) -> str:
 
 # %% ../nbs/22_benchmark.ipynb #8d745f6c
 def ggml_methods(bits: int) -> list[BenchMethod]:
-    "The whisper.cpp suite's rows for the ggml type of `bits` bits (4: Q4_1, 5: Q5_1, 8: Q8_0); the references come with the 4-bit rows."
-    t = {4: 'q4_1', 5: 'q5_1', 8: 'q8_0'}.get(bits)
-    if t is None: raise ValueError(f"the whisper.cpp suite runs 4, 5 and 8 bits (Q4_1, Q5_1, Q8_0), not {bits}")
+    """The whisper.cpp suite's rows at `bits` bits: the methods on the type of our default grid (4: Q4_1, 5: Q5_1, 8: Q8_0),
+    then whisper.cpp's own and FADE's on the symmetric type (Q4_0, Q5_0). The references come with the 4-bit rows."""
+    types = {4: ('q4_1', 'q4_0'), 5: ('q5_1', 'q5_0'), 8: ('q8_0',)}.get(bits)
+    if types is None: raise ValueError(f"the whisper.cpp suite runs 4, 5 and 8 bits (Q4_0/Q4_1, Q5_0/Q5_1, Q8_0), not {bits}")
+    t = types[0]
     rows = [BenchMethod('FP (transformers)', 'fp', seeded=False),
             BenchMethod('whisper.cpp f16', 'fp', seeded=False, ggml='f16')] if bits == 4 else []
     rows.append(BenchMethod('whisper.cpp RTN', 'fp', seeded=False, ggml=t))
     rows += [BenchMethod('GPTQ', f'gptq-{t}', ggml=t), BenchMethod('QEP official', f'qep-{t}', ggml=t)] if bits == 4 else []
     rows.append(BenchMethod('FADE', f'fade-{t}', ggml=t))
     if bits != 8: rows.append(BenchMethod('FADE (int zero)', f'fade-{t}', (('free_zero', False),), ggml=t))
+    for s in types[1:]:                                     # the same recipe on our symmetric grid, which is Q4_0 / Q5_0
+        rows += [BenchMethod(f'whisper.cpp RTN ({s.upper()})', 'fp', seeded=False, ggml=s),
+                 BenchMethod(f'FADE ({s.upper()})', f'fade-{t}', (('sym', True), ('free_zero', False)), ggml=s)]
     return rows
 
 # %% ../nbs/22_benchmark.ipynb #47b60e69
@@ -518,7 +523,7 @@ def _run_ggml(lm, model, m: BenchMethod, rec: dict, datasets: dict, solutions=No
         return evaluate_ggml(path, datasets, threads=2, language=language, progress=False)
 
 # %% ../nbs/22_benchmark.ipynb #7469c576
-def ggml_speed(out_dir='bench/ggml', model=None, types=('f16', 'q4_1', 'q5_1', 'q8_0'), threads=(1, 2), n_utts: int = 10,
+def ggml_speed(out_dir='bench/ggml', model=None, types=('f16', 'q4_0', 'q4_1', 'q5_0', 'q5_1', 'q8_0'), threads=(1, 2), n_utts: int = 10,
                repeats: int = 3) -> dict:
     "Seconds per utterance and per audio minute, PyTorch fp32 against whisper.cpp at each type; writes `out_dir/speed.json`."
     lm = load_model(model)

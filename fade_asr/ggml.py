@@ -1,4 +1,4 @@
-"""The quantized Whisper in whisper.cpp's own model file: the codes, scales and zeros of any method written exactly into ggml's Q4_1, Q5_1 or Q8_0 blocks, and checked by whisper.cpp itself.
+"""The quantized Whisper in whisper.cpp's own model file: the codes, scales and zeros of any method written exactly into ggml's Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 blocks, and checked by whisper.cpp itself.
 
 Docs: https://fade-asr.github.io/fade_asr/ggml.html.md"""
 
@@ -47,19 +47,18 @@ class BlockType:
         "The `QuantSpec` whose grid this block holds: ggml's own free-zero range (default) or our integer zero point."
         return QuantSpec(self.bits, QK, sym=self.sym, free_zero=free_zero and not self.sym)
 
-BLOCK_TYPES = {'q4_1': BlockType('q4_1', 3, 3, 4, False, 20), 'q5_1': BlockType('q5_1', 7, 9, 5, False, 24),
+BLOCK_TYPES = {'q4_0': BlockType('q4_0', 2, 2, 4, True, 18), 'q4_1': BlockType('q4_1', 3, 3, 4, False, 20),
+               'q5_0': BlockType('q5_0', 6, 8, 5, True, 22), 'q5_1': BlockType('q5_1', 7, 9, 5, False, 24),
                'q8_0': BlockType('q8_0', 8, 7, 8, True, 34)}
 
 # %% ../nbs/20_ggml.ipynb #f1fde774
-_WHY_NOT = {'q4_0': "Q4_0 is symmetric, an offset of 8 and no minimum, so it cannot hold the asymmetric grid; Q4_1 can",
-            'q5_0': "Q5_0 is symmetric, an offset of 16 and no minimum, so it cannot hold the asymmetric grid; Q5_1 can",
-            'k': "k-quants (Q2_K..Q6_K) need rows that are multiples of 256 (tiny's are 384) and quantize their sub-block scales"}
+_WHY_K = "k-quants (Q2_K..Q6_K) need rows that are multiples of 256 (tiny's are 384) and quantize their sub-block scales"
 
 def block_type(name: str) -> BlockType:
-    "The ggml block type called `name` (q4_1, q5_1, q8_0), with a clear error for the others."
+    "The ggml block type called `name` (q4_0, q4_1, q5_0, q5_1, q8_0), with a clear error for the others."
     key = str(name).lower()
     if key in BLOCK_TYPES: return BLOCK_TYPES[key]
-    why = _WHY_NOT.get(key) or (_WHY_NOT['k'] if key.endswith('_k') else None)
+    why = _WHY_K if key.endswith('_k') else None
     raise ValueError(f"ggml type {name!r} is not written by fade_asr{f' ({why})' if why else ''}; "
                      f"use one of {', '.join(BLOCK_TYPES)}")
 
@@ -74,9 +73,9 @@ def block_type_for(spec: QuantSpec) -> BlockType:
         if bt.bits == spec.bits and bt.sym == spec.sym: return bt
     if spec.bits == 3:
         raise ValueError("ggml has no 3-bit block of 32 (Q3_K is symmetric, in super-blocks of 256 that tiny's rows of 384 "
-                         "cannot fill); use 4 bits (Q4_1) or 5 bits (Q5_1)")
+                         "cannot fill); use 4 bits (Q4_0, Q4_1) or 5 bits (Q5_0, Q5_1)")
     raise ValueError(f"a {spec.bits}-bit {'symmetric' if spec.sym else 'asymmetric'} grid has no exact ggml block; "
-                     "use 4 or 5 bits asymmetric (Q4_1, Q5_1) or 8 bits symmetric (Q8_0)")
+                     "use 4 or 5 bits (Q4_0/Q5_0 symmetric, Q4_1/Q5_1 asymmetric) or 8 bits symmetric (Q8_0)")
 
 # %% ../nbs/20_ggml.ipynb #88c8da26
 def block_params(res: QuantResult, bt: BlockType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -97,14 +96,15 @@ def block_params(res: QuantResult, bt: BlockType) -> tuple[torch.Tensor, torch.T
 
 # %% ../nbs/20_ggml.ipynb #9aafa52e
 def encode_blocks(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bt: BlockType) -> np.ndarray:
-    "ggml blocks (uint8 [rows, n/32 · bytes]) from codes [rows, n], fp16 d [rows, n/32] and fp16 m (None for Q8_0)."
+    "ggml blocks (uint8 [rows, n/32 · bytes]) from codes [rows, n] (signed if `bt.sym`), fp16 d [rows, n/32] and fp16 m (None if `bt.sym`)."
     rows, n = q.shape
     nb = n // QK
     q = q.reshape(rows, nb, QK).numpy()
     parts = [d.numpy().astype('<f2').view(np.uint8).reshape(rows, nb, 2)]
-    if bt.sym: parts.append(q.astype(np.int8).view(np.uint8))
+    if bt.bits == 8: parts.append(q.astype(np.int8).view(np.uint8))             # Q8_0: one signed byte per code
     else:
-        parts.append(m.numpy().astype('<f2').view(np.uint8).reshape(rows, nb, 2))
+        if bt.sym: q = q + 2 ** (bt.bits - 1)                                   # Q4_0 / Q5_0: the code plus 8 / 16
+        else: parts.append(m.numpy().astype('<f2').view(np.uint8).reshape(rows, nb, 2))
         lo, hi = q[..., :16], q[..., 16:]
         if bt.bits == 5:
             bits = ((lo >> 4) & 1).astype(np.uint32) << np.arange(16, dtype=np.uint32)
@@ -118,15 +118,17 @@ def decode_blocks(buf: np.ndarray, bt: BlockType, n: int) -> torch.Tensor:
     "The weights [rows, n] (float32) that ggml decodes from the blocks `buf` of rows of `n` weights."
     b = np.asarray(buf, dtype=np.uint8).reshape(-1, n // QK, bt.nbytes)
     d = b[..., 0:2].copy().view('<f2').astype(np.float32)
-    if bt.sym:
+    if bt.bits == 8:
         q = b[..., 2:].view(np.int8).astype(np.float32)
         return torch.from_numpy((d * q).reshape(len(b), n))
-    m = b[..., 2:4].copy().view('<f2').astype(np.float32)
+    head = 2 if bt.sym else 4                                                    # d, or d and m
     qs = b[..., -16:]
     q = np.concatenate([qs & 15, qs >> 4], -1).astype(np.int32)
     if bt.bits == 5:
-        qh = b[..., 4:8].copy().view('<u4').astype(np.int64)
+        qh = b[..., head:head + 4].copy().view('<u4').astype(np.int64)
         q |= (((qh >> np.arange(32)) & 1) << 4).astype(np.int32)
+    if bt.sym: return torch.from_numpy((d * (q - 2 ** (bt.bits - 1))).astype(np.float32).reshape(len(b), n))
+    m = b[..., 2:4].copy().view('<f2').astype(np.float32)
     return torch.from_numpy((d * q + m).astype(np.float32).reshape(len(b), n))
 
 # %% ../nbs/20_ggml.ipynb #69b6fcd6
@@ -135,6 +137,13 @@ def ggml_rtn(W: torch.Tensor, bt: BlockType) -> tuple[torch.Tensor, torch.Tensor
     rows, n = W.shape
     if n % QK: raise ValueError(f"ggml blocks need rows that are a multiple of {QK}; this weight has {n} columns")
     x = W.detach().to(torch.float32).reshape(rows, n // QK, QK)
+    if bt.sym and bt.bits < 8:                                                   # Q4_0, Q5_0
+        half = 2 ** (bt.bits - 1)
+        top = x.gather(-1, x.abs().argmax(-1, keepdim=True))[..., 0]             # the largest |w|, with its sign (the first)
+        d = top / -half
+        idv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+        q = torch.floor(x * idv[..., None] + (half + 0.5)).clamp_(max=2 * half - 1).to(torch.int32) - half
+        return q.reshape(rows, n), d.half(), None
     if bt.sym:
         d = x.abs().amax(-1) / 127
         idv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
@@ -291,11 +300,11 @@ def ggml_file_name(bt: BlockType | None) -> str: return f"ggml-model-{'f16' if b
 def export_ggml(model: nn.Module, processor, out_dir, fmt: str = 'q4_1', solutions: dict[str, QuantResult] | None = None,
                 overwrite: bool = False, info: dict | None = None, extra: dict[str, str] | None = None,
                 progress: bool = True) -> Path:
-    """Write a Whisper `model` as whisper.cpp's model file `out_dir/ggml-model-FMT.bin` (`fmt`: q4_1, q5_1, q8_0 or f16).
+    """Write a Whisper `model` as whisper.cpp's model file `out_dir/ggml-model-FMT.bin` (`fmt`: q4_0, q4_1, q5_0, q5_1, q8_0 or f16).
     Layers in `solutions` (a quantize report's) keep their codes exactly; every other 2-D weight gets whisper.cpp's own
     quantizer. `info` goes into export.json, `extra` {file name: text} beside it. Returns the file's path."""
     bt = None if str(fmt).lower() == 'f16' else block_type(fmt)
-    if bt is None and solutions: raise ValueError("an f16 file cannot hold the quantized codes; choose the block type of the grid (q4_1, q5_1 or q8_0)")
+    if bt is None and solutions: raise ValueError("an f16 file cannot hold the quantized codes; choose the block type of the grid (q4_0, q4_1, q5_0, q5_1 or q8_0)")
     with atomic_dir(out_dir, overwrite) as tmp:
         with open(tmp / ggml_file_name(bt), 'wb') as f: size = write_whisper_ggml(f, model, processor, bt, solutions, progress)
         meta = {'format': 'whisper.cpp ggml', 'type': 'f16' if bt is None else bt.name, 'bytes': size,

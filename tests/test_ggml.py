@@ -75,7 +75,7 @@ def test_rounding_twice_is_rounding_once(name):
     assert np.array_equal(np.asarray(once), np.asarray(twice))
 
 
-@pytest.mark.parametrize('name,free', [('q4_1', True), ('q4_1', False), ('q5_1', True), ('q5_1', False), ('q8_0', False)])
+@pytest.mark.parametrize('name,free', [('q4_0', False), ('q4_1', True), ('q4_1', False), ('q5_0', False), ('q5_1', True), ('q5_1', False), ('q8_0', False)])
 def test_solutions_are_written_exactly(name, free):
     "A GPTQ solution on the block's grid, written and read back by gguf: Ŵ within fp16 rounding of d and m (none at all on the free grid)."
     quants, T = _gguf()
@@ -95,7 +95,7 @@ def test_grids_ggml_cannot_hold_are_refused():
     X = torch.randn(512, 128)
     ao = gptq(W, X.T @ X + torch.diag(torch.arange(128.)), QuantSpec(4, 32), act_order=True)
     with pytest.raises(ValueError, match='act_order=false'): block_params(ao, block_type('q4_1'))
-    with pytest.raises(ValueError, match='use one of q4_1, q5_1, q8_0'): block_type('q3_k')
+    with pytest.raises(ValueError, match='use one of q4_0, q4_1, q5_0, q5_1, q8_0'): block_type('q3_k')
 
 
 # --- the model file, in whisper.cpp ------------------------------------------------------------------------------
@@ -168,6 +168,29 @@ def test_whisper_cpp_transcribes_every_test_utterance_as_the_package(gptq_q4_1, 
     utts = _subset('asterisk', 1) + _subset('harvard', 1)
     same, gap = _agreement(path, qm, tiny.processor, utts)
     assert same >= 0.95, f"only {same:.1%} of {len(utts)} transcripts agree (WER gap {gap:.2%})"
+
+
+@pytest.mark.parametrize('name', ['q4_0', 'q5_0'])
+def test_symmetric_blocks_run_in_whisper_cpp_as_in_the_package(name, tiny, tmp_path):
+    """Every linear by RTN on our symmetric grid, written into Q4_0 / Q5_0 blocks: the file holds exactly those weights
+    (to fp16 rounding of d), and whisper.cpp transcribes every 24th test utterance as the fake-quantized model does."""
+    bt = block_type(name)
+    qm, sols = copy.deepcopy(tiny.model), {}
+    for n, mod in qm.named_modules():
+        if isinstance(mod, nn.Linear) and '.layers.' in n:
+            sols[n] = rtn(mod.weight.detach(), bt.spec())
+            with torch.no_grad(): mod.weight.copy_(sols[n].weight)
+    ggml_fake_quant(qm, bt, sols)
+    path = export_ggml(qm, tiny.processor, tmp_path / 'cpp', name, sols, progress=False)
+    gf = read_ggml(path)
+    assert gf.hparams['ftype'] == 2000 + bt.ftype
+    for n in list(sols)[::9]:
+        tol = float(sols[n].scales.max()) * 2 ** (bt.bits - 1) * 2 ** -10           # fp16 of d, times the largest code
+        torch.testing.assert_close(gf.weight(cpp_name(n) + '.weight'), sols[n].weight, rtol=0, atol=tol)
+    need('pywhispercpp')
+    utts = _subset('asterisk', 24) + _subset('harvard', 24)
+    same, gap = _agreement(path, qm, tiny.processor, utts)
+    assert same >= 0.9 and gap < 0.03, f"{same:.0%} of {len(utts)} transcripts agree; the WERs differ by {gap:.2%}"
 
 
 def test_packed_checkpoint_exports_exactly(tiny, tmp_path):
