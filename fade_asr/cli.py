@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--backend', choices=('auto', 'torch', 'cupy'), default=None, help='packed checkpoints: matmul backend (default: auto)')
     s.add_argument('--threads', type=int, default=2, help='whisper.cpp model files (--model X.bin): threads (default 2)')
     s.set_defaults(fn=cmd_eval)
-    s = sub.add_parser('export', help="write a model for a runtime: whisper.cpp's model file (ggml Q4_1/Q5_1/Q8_0) or compressed-tensors (transformers, vLLM)")
+    s = sub.add_parser('export', help="write a model for a runtime: whisper.cpp's model file (ggml Q4_0 to Q8_0) or compressed-tensors (transformers, vLLM)")
     s.add_argument('--model', default=None, help="a packed g32 checkpoint from `fade-asr quantize` (its codes, exactly) or an FP model (default: bundled tiny.en; whisper.cpp's own quantizer)")
     s.add_argument('--format', choices=('ggml', 'compressed-tensors'), default='ggml', help="the runtime's format: ggml (whisper.cpp; the default) or compressed-tensors (pack-quantized, from a packed checkpoint)")
     s.add_argument('--type', choices=('q4_0', 'q4_1', 'q5_0', 'q5_1', 'q8_0', 'f16'), default=None, help="ggml type (default: the packed checkpoint's grid; q4_1 for an FP model)")
