@@ -509,9 +509,11 @@ def ggml_methods(bits: int) -> list[BenchMethod]:
     rows += [BenchMethod('GPTQ', f'gptq-{t}', ggml=t), BenchMethod('QEP official', f'qep-{t}', ggml=t)] if bits == 4 else []
     rows.append(BenchMethod('FADE', f'fade-{t}', ggml=t))
     if bits != 8: rows.append(BenchMethod('FADE (int zero)', f'fade-{t}', (('free_zero', False),), ggml=t))
-    for s in types[1:]:                                     # the same recipe on our symmetric grid, which is Q4_0 / Q5_0
-        rows += [BenchMethod(f'whisper.cpp RTN ({s.upper()})', 'fp', seeded=False, ggml=s),
-                 BenchMethod(f'FADE ({s.upper()})', f'fade-{t}', (('sym', True), ('free_zero', False)), ggml=s)]
+    for s in types[1:]:                                     # our symmetric grid, which is Q4_0 / Q5_0
+        S = s.upper()
+        rows.append(BenchMethod(f'whisper.cpp RTN ({S})', 'fp', seeded=False, ggml=s))
+        if bits == 4: rows.append(BenchMethod(f'GPTQ ({S})', f'gptq-{s}', ggml=s))
+        rows.append(BenchMethod(f'FADE ({S})', f'fade-{t}', (('sym', True), ('free_zero', False)), ggml=s))
     return rows
 
 # %% ../nbs/22_benchmark.ipynb #47b60e69
