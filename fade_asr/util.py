@@ -71,11 +71,16 @@ _held = threading.local()
 def folder_lock(folder: str | os.PathLike):
     "Hold an exclusive `flock` on `folder` (POSIX; a no-op elsewhere or if it does not exist), re-entrant per thread."
     key, held = os.path.realpath(folder), _held.__dict__.setdefault('keys', set())
-    if fcntl is None or key in held or not os.path.isdir(key):
+    fd = None
+    if fcntl is not None and key not in held and os.path.isdir(key):
+        try: fd = os.open(key, os.O_RDONLY)
+        except OSError: pass                   # a folder we may write but not read: go on unlocked
+    if fd is None:
         yield; return
-    fd = os.open(key, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX); held.add(key)
+        try: fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError: pass                   # a file system without locks (some NFS): the checks still look twice
+        held.add(key)
         yield
     finally:
         held.discard(key); os.close(fd)
