@@ -512,7 +512,7 @@ def ggml_methods(bits: int) -> list[BenchMethod]:
     for s in types[1:]:                                     # our symmetric grid, which is Q4_0 / Q5_0
         S = s.upper()
         rows.append(BenchMethod(f'whisper.cpp RTN ({S})', 'fp', seeded=False, ggml=s))
-        if bits == 4: rows.append(BenchMethod(f'GPTQ ({S})', f'gptq-{s}', ggml=s))
+        if bits == 4: rows += [BenchMethod(f'RTN ({S})', f'rtn-{s}', seeded=False, ggml=s), BenchMethod(f'GPTQ ({S})', f'gptq-{s}', ggml=s)]
         rows.append(BenchMethod(f'FADE ({S})', f'fade-{t}', (('sym', True), ('free_zero', False)), ggml=s))
     return rows
 
@@ -593,8 +593,8 @@ def plot_ggml(runs, dataset: str, ax=None):
     colours = dict(zip(types, plt.get_cmap('tab10').colors))
     ax.barh(range(len(rows)), [r[dataset][0] for r in rows], xerr=[r[dataset][1] for r in rows],
             color=[colours[r['type']] for r in rows], capsize=3)
-    size = lambda r: '' if r['mib'] is None else f", {r['mib']:.0f} MiB"
-    ax.set_yticks(range(len(rows)), [f"{r['label']} ({r['type']}{size(r)})" for r in rows], fontsize=8)
+    name = lambda r: r['label'].replace(f" ({r['type'].upper()})", '') + ('' if r['mib'] is None else f" ({r['type']}, {r['mib']:.0f} MiB)")
+    ax.set_yticks(range(len(rows)), [name(r) for r in rows], fontsize=8)
     ax.invert_yaxis(); ax.set_xlabel('WER %'); ax.set_title(f'whisper.cpp, {dataset}'); ax.grid(axis='x', alpha=.3)
     return ax
 
@@ -609,7 +609,8 @@ def write_ggml_report(out_dir='bench/ggml', limit: int | None = None) -> str:
     if sp: md.append("Speed (`ggml_speed`): {utterances} Asterisk test utterances ({audio_minutes:.2f} audio minutes), one at a time, "
                      "median of {repeats} interleaved repeats, on {cpus} CPU cores ({machine}).".format(**sp['_setup']))
     for ds in dict.fromkeys(d for r in runs for d in r['results']):
-        fig, ax = plt.subplots(figsize=(6, 4)); plot_ggml(runs, ds, ax); fig.tight_layout(); fig.savefig(out/f'ggml_wer_{ds}.png', dpi=110); plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 1 + 0.28 * len(ggml_rows(runs)))); plot_ggml(runs, ds, ax); fig.tight_layout()
+        fig.savefig(out/f'ggml_wer_{ds}.png', dpi=110); plt.close(fig)
     atomic_write_text(out/'results.md', '\n'.join(md) + '\n')
     atomic_write_text(out/'results.json', json.dumps(ggml_rows(runs, sp), indent=1) + '\n')
     return '\n'.join(md)
