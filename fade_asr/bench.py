@@ -587,8 +587,8 @@ def ggml_table(runs, speed: dict | None = None) -> str:
 def plot_ggml(runs, dataset: str, ax=None):
     "WER of each method at each ggml type in whisper.cpp (bars, mean ± std over seeds), labelled with the file size."
     import matplotlib.pyplot as plt
-    ax = ax or plt.gca()
     rows = [r for r in ggml_rows(runs) if dataset in r]
+    ax = ax or plt.subplots(figsize=(6, 1 + 0.28 * len(rows)))[1]
     types = list(dict.fromkeys(r['type'] for r in rows))
     colours = dict(zip(types, plt.get_cmap('tab10').colors))
     ax.barh(range(len(rows)), [r[dataset][0] for r in rows], xerr=[r[dataset][1] for r in rows],

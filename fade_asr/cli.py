@@ -244,6 +244,7 @@ def cmd_export(a):
     from fade_asr.util import check_output_dir
     from fade_asr.packing import is_packed_dir, load_packed
     from fade_asr.ggml import block_type, block_type_for, export_ggml, unpack_model
+    if a.type not in (None, 'f16'): block_type(a.type)         # a bad --type fails before anything is loaded
     out = check_output_dir(a.out or f"fade-asr-out/{Path(a.model or 'tiny.en').name}-{a.type or a.format}", a.overwrite)
     if a.format == 'compressed-tensors': return _export_compressed(a, out)
     if a.model and is_packed_dir(a.model):
@@ -259,7 +260,6 @@ def cmd_export(a):
         lm = load_model(a.model)
         if lm.family != 'whisper': raise ValueError(f"whisper.cpp runs Whisper only, and this model is {lm.family}")
         model, proc, sols, fmt = lm.model, lm.processor, None, a.type or 'q4_1'
-        if fmt != 'f16': block_type(fmt)
         what = 'every 2-D weight'
     if proc is None: raise FileNotFoundError(f"{a.model} has no processor files (tokenizer, feature extractor); whisper.cpp's file needs its vocabulary and mel filters")
     path = export_ggml(model, proc, out, fmt, sols, overwrite=a.overwrite, info={'source': str(a.model or 'bundled tiny.en')})

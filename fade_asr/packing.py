@@ -23,7 +23,7 @@ from .actquant import restore_act_quant
 __all__ = ['BACKENDS', 'QUANTIZE_CONFIG', 'WEIGHTS', 'ACT_QUANT', 'resolve_backend', 'QuantLinear', 'check_solution',
            'packed_layers', 'round_floats', 'pack_model', 'set_backend', 'quantize_config', 'dedupe_tensors',
            'stored_state_dict', 'layer_checks', 'verify_layer_checks', 'write_safetensors', 'write_hf_files',
-           'save_packed', 'is_packed_dir', 'read_packed_tensors', 'write_act_quant', 'load_act_quant',
+           'write_act_quant', 'save_packed', 'is_packed_dir', 'read_packed_tensors', 'load_act_quant',
            'read_quantize_config', 'load_packed', 'tensor_bytes', 'linear_bytes']
 
 # %% ../nbs/19_packing.ipynb #7862c90c
@@ -267,6 +267,13 @@ def write_hf_files(model: nn.Module, out: Path, quantization_config: dict, proce
     if getattr(model, 'generation_config', None) is not None: model.generation_config.save_pretrained(out)
     if processor is not None: processor.save_pretrained(out)
 
+# %% ../nbs/19_packing.ipynb #d5ce9327
+ACT_QUANT = 'act_quant.json'    # the activation clips of a WxAy model (written only when activations are quantized)
+
+def write_act_quant(model: nn.Module, out_dir) -> None:
+    "Write `model`'s activation clips to `out_dir/act_quant.json` (nothing when its activations are not quantized)."
+    if getattr(model, '_fade_act', None): (Path(out_dir) / ACT_QUANT).write_text(json.dumps(model._fade_act, indent=1))
+
 # %% ../nbs/19_packing.ipynb #c3d05ea4
 def save_packed(model: nn.Module, out_dir, processor=None, act_order: bool = False, extra: dict[str, str] | None = None,
                 overwrite: bool = False) -> Path:
@@ -322,13 +329,6 @@ def _fill_computed_buffers(model: nn.Module, cls, config, stored: set):
         if n not in ref: continue
         mod, _, leaf = n.rpartition('.')
         model.get_submodule(mod)._buffers[leaf] = ref[n]
-
-# %% ../nbs/19_packing.ipynb #d5ce9327
-ACT_QUANT = 'act_quant.json'    # the activation clips of a WxAy model (written only when activations are quantized)
-
-def write_act_quant(model: nn.Module, out_dir) -> None:
-    "Write `model`'s activation clips to `out_dir/act_quant.json` (nothing when its activations are not quantized)."
-    if getattr(model, '_fade_act', None): (Path(out_dir) / ACT_QUANT).write_text(json.dumps(model._fade_act, indent=1))
 
 # %% ../nbs/19_packing.ipynb #466015d4
 def load_act_quant(model: nn.Module, path) -> nn.Module:

@@ -151,10 +151,9 @@ def prepare_windows(adapter: ModelAdapter, calib, cfg: QuantConfig, model: nn.Mo
     if todo: adapter.prepare(todo, teacher=cfg.teacher, model=model)
     return wins
 
-# %% ../nbs/16_pipeline.ipynb #c89d8395
-class _Stop(Exception): pass
-
 # %% ../nbs/16_pipeline.ipynb #c62d62b4
+class _Stop(Exception): "Raised by a hook to end a forward pass early."
+
 class _Tap:
     "Forward hooks on a block's linears: record inputs of `collect`, outputs of `measure`; stop once `collect` all fired."
     def __init__(self, block, collect: Sequence[str], measure: Sequence[str], stop: bool):

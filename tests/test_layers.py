@@ -91,12 +91,12 @@ def prose_words(text: str) -> int:
 
 
 def test_lessons_keep_markdown_cells_short():
-    "A lesson reads in small steps: no markdown cell holds more than about 150 words of prose (200 at most)."
+    "A lesson reads in small steps: no markdown cell holds more than 150 words of prose."
     import json
     long = []
     for p in sorted(NBS.rglob('*.ipynb')):
         if any(part.startswith(('_', '.')) for part in p.relative_to(NBS).parts): continue
         for c in json.loads(p.read_text())['cells']:
-            if c['cell_type'] == 'markdown' and prose_words(''.join(c['source'])) > 200:
+            if c['cell_type'] == 'markdown' and prose_words("".join(c["source"])) > 150:
                 long.append(f"{p.relative_to(NBS)} cell {c.get('id')}")
-    assert not long, f"markdown cells over 200 words (split them at a paragraph): {long}"
+    assert not long, f"markdown cells over 150 words (split them at a paragraph): {long}"
