@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch import nn
 
 # %% auto #0
@@ -139,7 +140,7 @@ def causal_mask(config, h: torch.Tensor, pos: torch.Tensor):
     cache_kw = 'cache' if 'cache' in inspect.signature(create_causal_mask).parameters else 'past_key_values'
     return create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, position_ids=pos, **{cache_kw: None})
 
-# %% ../nbs/09_families.ipynb #3cfbafa3
+# %% ../nbs/09_families.ipynb #d4ed647f
 class ModelAdapter:
     "What the pipeline needs to know about one model family. Subclass per family; see `WhisperAdapter`."
     family: str = ''
@@ -153,7 +154,7 @@ class ModelAdapter:
         self.model, self.processor = model, processor
         self.include, self.exclude = tuple(include or ()), tuple(exclude or ())
 
-    # -- structure (subclasses implement the first two) --
+    # -- what a family implements --
     def layers(self, model: nn.Module, stack: str) -> nn.ModuleList:
         "The blocks of `stack` in `model` (a ModuleList)."
         raise NotImplementedError
@@ -163,95 +164,118 @@ class ModelAdapter:
     def prefix(self, stack: str) -> str:
         "Full module-name prefix of `stack`'s layer list (e.g. 'model.encoder.layers')."
         raise NotImplementedError
-
-    def in_scope(self, name: str) -> bool:
-        "Is the linear with full name `name` quantized under the include/exclude patterns?"
-        if self.include and not name_matches(name, self.include): return False
-        return not name_matches(name, self.exclude)
-
-    def blocks(self, model: nn.Module | None = None) -> list[Block]:
-        "All blocks of `model` (default: the adapter's), stacks in order, with their in-scope groups."
-        model = self.model if model is None else model
-        out = []
-        for s in self.stacks:
-            pre = self.prefix(s)
-            for i, blk in enumerate(self.layers(model, s)):
-                groups = []
-                for g in self.group_names(s):
-                    g = [r for r in g if self.in_scope(f"{pre}.{i}.{r}")]
-                    for r in g:
-                        if not isinstance(blk.get_submodule(r), nn.Linear):
-                            raise TypeError(f"{pre}.{i}.{r} is not an nn.Linear; the {self.family} adapter is out of date")
-                    if g: groups.append(g)
-                roles = {r: self.role(r) for g in groups for r in g}
-                known = {r for g in self.group_names(s) for r in g}
-                extra = [n for n, m in blk.named_modules() if isinstance(m, nn.Linear) and n not in known
-                         and self.in_scope(f"{pre}.{i}.{n}")]
-                if extra:
-                    raise ValueError(f"block {pre}.{i} has linears the {self.family} adapter does not place in a "
-                                     f"true-sequential group: {extra}; add them to group_names() or exclude them")
-                out.append(Block(s, i, blk, f"{pre}.{i}", groups, roles))
-        return out
-
-    def role(self, rel: str) -> str:
-        "The role (one of `ROLES`) of the block-relative linear `rel`."
-        if rel not in self.roles:
-            raise ValueError(f"the {self.family} adapter gives {rel!r} no role; add it to {type(self).__name__}.roles")
-        return self.roles[rel]
-
-    def linear_names(self) -> list[str]:
-        "Full names of every quantized linear, in the pipeline's (true-sequential) order."
-        return [n for b in self.blocks() for n in b.names]
-
-    @property
-    def proc(self):
-        "The model's processor (feature extractor + tokenizer)."
-        if self.processor is None:
-            raise ValueError(f"the {self.family} adapter needs the model's processor; pass processor=... "
-                             "(`models.load_model` returns it as `.processor`)")
-        return self.processor
-
-    # -- data --
-    def make_windows(self, utts: Sequence, pack: bool = True, gap_s: float = 0.3) -> list[CalibWindow]:
-        "Calibration windows (packed if `pack`) for this family's input length."
-        return pack_utterances(utts, self.window_s, pack=pack, gap_s=gap_s, sr=self.sample_rate)
     def prepare(self, windows: list[CalibWindow], teacher: str = 'reference', model: nn.Module | None = None) -> list[CalibWindow]:
         "Fill `features` and `tokens` of each window (teacher 'reference' text or the FP model's 'greedy' output)."
         raise NotImplementedError
-    def batches(self, stack: str, windows: Sequence[CalibWindow], batch_size: int = 8) -> list[list[int]]:
-        "Window indices batched for `stack` (default: runs of `batch_size`)."
-        idx = list(range(len(windows)))
-        return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-
-    # -- running one stack (subclasses implement) --
     def stack_input(self, model: nn.Module, stack: str, windows: list[CalibWindow], ctxs: list[dict]) -> tuple[torch.Tensor, dict]:
         "Hidden states entering the first block of `stack` for a batch of windows, and the block keyword context."
         raise NotImplementedError
     def run_block(self, block: nn.Module, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
         "One block step."
         raise NotImplementedError
-    def stack_output(self, model: nn.Module, stack: str, hidden: torch.Tensor, kw: dict) -> list[dict]:
-        "Per-window context entries that later stacks read (e.g. the encoder output)."
-        return [{} for _ in range(hidden.shape[0])]
-    def valid_tokens(self, stack: str, kw: dict, b: int) -> slice | torch.Tensor:
-        "Which token positions of batch row `b` are real input (all, unless the family pads a batch)."
-        return slice(None)
-    def token_rows(self, stack: str, x: torch.Tensor, b: int, kw: dict) -> torch.Tensor:
-        "The rows (tokens × features) of a linear's input `x` that belong to batch row `b`, real tokens only."
-        return x[b][self.valid_tokens(stack, kw, b)].reshape(-1, x.shape[-1])
-
-    # -- inference (`scoring.transcribe` hands each batch of <= 30-s pieces to the family's adapter) --
-    def generate_kwargs(self) -> dict:
-        "Extra keyword arguments for `model.generate` (e.g. a multilingual Whisper's language and task)."
-        return {}
     def transcribe_batch(self, model: nn.Module, audios: Sequence[np.ndarray], budgets: Sequence[int | None],
                          max_new_tokens: int | None = None, **generate_kwargs) -> list[str]:
         "Greedy transcripts of a batch of ≤ 30-s 16-kHz clips; row `i` keeps at most `budgets[i]` text tokens."
         raise NotImplementedError(f"the {self.family} adapter cannot transcribe")
 
-    def decode_rows(self, rows, budgets) -> list[str]:
-        "Text of generated id rows: special tokens dropped, at most the row's budget of text tokens."
-        return decode_rows(self.proc, rows, budgets)
+# %% ../nbs/09_families.ipynb #3a5fa043
+@patch
+def in_scope(self: ModelAdapter, name: str) -> bool:
+    "Is the linear with full name `name` quantized under the include/exclude patterns?"
+    if self.include and not name_matches(name, self.include): return False
+    return not name_matches(name, self.exclude)
+
+# %% ../nbs/09_families.ipynb #ba27b204
+@patch
+def role(self: ModelAdapter, rel: str) -> str:
+    "The role (one of `ROLES`) of the block-relative linear `rel`."
+    if rel not in self.roles:
+        raise ValueError(f"the {self.family} adapter gives {rel!r} no role; add it to {type(self).__name__}.roles")
+    return self.roles[rel]
+
+# %% ../nbs/09_families.ipynb #901daaec
+@patch
+def blocks(self: ModelAdapter, model: nn.Module | None = None) -> list[Block]:
+    "All blocks of `model` (default: the adapter's), stacks in order, with their in-scope groups."
+    model = self.model if model is None else model
+    out = []
+    for s in self.stacks:
+        pre = self.prefix(s)
+        for i, blk in enumerate(self.layers(model, s)):
+            groups = []
+            for g in self.group_names(s):
+                g = [r for r in g if self.in_scope(f"{pre}.{i}.{r}")]
+                for r in g:
+                    if not isinstance(blk.get_submodule(r), nn.Linear):
+                        raise TypeError(f"{pre}.{i}.{r} is not an nn.Linear; the {self.family} adapter is out of date")
+                if g: groups.append(g)
+            roles = {r: self.role(r) for g in groups for r in g}
+            known = {r for g in self.group_names(s) for r in g}
+            extra = [n for n, m in blk.named_modules() if isinstance(m, nn.Linear) and n not in known
+                     and self.in_scope(f"{pre}.{i}.{n}")]
+            if extra:
+                raise ValueError(f"block {pre}.{i} has linears the {self.family} adapter does not place in a "
+                                 f"true-sequential group: {extra}; add them to group_names() or exclude them")
+            out.append(Block(s, i, blk, f"{pre}.{i}", groups, roles))
+    return out
+
+# %% ../nbs/09_families.ipynb #09284882
+@patch
+def linear_names(self: ModelAdapter) -> list[str]:
+    "Full names of every quantized linear, in the pipeline's (true-sequential) order."
+    return [n for b in self.blocks() for n in b.names]
+
+# %% ../nbs/09_families.ipynb #abc250d6
+@patch(as_prop=True)
+def proc(self: ModelAdapter):
+    "The model's processor (feature extractor + tokenizer)."
+    if self.processor is None:
+        raise ValueError(f"the {self.family} adapter needs the model's processor; pass processor=... "
+                         "(`models.load_model` returns it as `.processor`)")
+    return self.processor
+
+# %% ../nbs/09_families.ipynb #d164a6a0
+@patch
+def make_windows(self: ModelAdapter, utts: Sequence, pack: bool = True, gap_s: float = 0.3) -> list[CalibWindow]:
+    "Calibration windows (packed if `pack`) for this family's input length."
+    return pack_utterances(utts, self.window_s, pack=pack, gap_s=gap_s, sr=self.sample_rate)
+
+# %% ../nbs/09_families.ipynb #72d67a56
+@patch
+def batches(self: ModelAdapter, stack: str, windows: Sequence[CalibWindow], batch_size: int = 8) -> list[list[int]]:
+    "Window indices batched for `stack` (default: runs of `batch_size`)."
+    idx = list(range(len(windows)))
+    return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+
+# %% ../nbs/09_families.ipynb #34176efd
+@patch
+def stack_output(self: ModelAdapter, model: nn.Module, stack: str, hidden: torch.Tensor, kw: dict) -> list[dict]:
+    "Per-window context entries that later stacks read (e.g. the encoder output)."
+    return [{} for _ in range(hidden.shape[0])]
+
+# %% ../nbs/09_families.ipynb #0796e797
+@patch
+def valid_tokens(self: ModelAdapter, stack: str, kw: dict, b: int) -> slice | torch.Tensor:
+    "Which token positions of batch row `b` are real input (all, unless the family pads a batch)."
+    return slice(None)
+
+# %% ../nbs/09_families.ipynb #bb5ecf9f
+@patch
+def token_rows(self: ModelAdapter, stack: str, x: torch.Tensor, b: int, kw: dict) -> torch.Tensor:
+    "The rows (tokens × features) of a linear's input `x` that belong to batch row `b`, real tokens only."
+    return x[b][self.valid_tokens(stack, kw, b)].reshape(-1, x.shape[-1])
+
+# %% ../nbs/09_families.ipynb #e1d0be02
+@patch
+def generate_kwargs(self: ModelAdapter) -> dict:
+    "Extra keyword arguments for `model.generate` (e.g. a multilingual Whisper's language and task)."
+    return {}
+
+# %% ../nbs/09_families.ipynb #72747e03
+@patch
+def decode_rows(self: ModelAdapter, rows, budgets) -> list[str]:
+    "Text of generated id rows: special tokens dropped, at most the row's budget of text tokens."
+    return decode_rows(self.proc, rows, budgets)
 
 # %% ../nbs/09_families.ipynb #1ef84f89
 class NativeLengthAdapter(ModelAdapter):

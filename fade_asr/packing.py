@@ -10,6 +10,7 @@ import copy, json, os
 from pathlib import Path
 
 import torch
+from fastcore.basics import patch
 from torch import nn
 import torch.nn.functional as F
 
@@ -41,7 +42,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if not cupy_available(): raise ValueError("backend 'cupy' needs CuPy and a GPU: pip install 'fade_asr[gpu]' (cupy-cuda13x), or use backend='torch'")
     return b
 
-# %% ../nbs/19_packing.ipynb #a9564030
+# %% ../nbs/19_packing.ipynb #7c4e5486
 class QuantLinear(nn.Module):
     "A packed GPTQ-layout replacement for `nn.Linear(in_features, out_features)`: `bits`-bit codes, groups of `group_size` (-1: whole row)."
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128, bias: bool = True,
@@ -74,59 +75,60 @@ class QuantLinear(nn.Module):
     def packed(self) -> PackedLayer:
         return PackedLayer(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        "$\\hat W$ `[out, in]` in `dtype` (default: the bias dtype, else float32)."
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        q = _unpack_last(self.qweight.T.contiguous(), self.bits)                # [m, n]: no transpose of the big tensor
-        z = _unpack_last(self.qzeros, self.bits).T                             # [m, ng]
-        if self.fmt == 'v1': z = (z + 1) & (2**self.bits - 1)
-        s = self.scales.T.to(dtype).contiguous(); z = z.to(dtype).contiguous()  # small; contiguous keeps Ŵ row-major
-        m, n, ng = self.out_features, self.in_features, self.scales.shape[0]
-        W = q.to(dtype)                                                        # in place from here: s·(q − z), one buffer
-        if self._ordered():
-            Wg = W.view(m, ng, n // ng)
-            Wg.sub_(z[:, :, None]).mul_(s[:, :, None])
-            return W
-        gi = self.g_idx.long()
-        return W.sub_(z[:, gi]).mul_(s[:, gi])
-
-    def _ordered(self) -> bool:
-        if not hasattr(self, '_ord') or self._ord[0] is not self.g_idx:
-            ng, n = self.scales.shape[0], self.in_features
-            ok = n % ng == 0 and torch.equal(self.g_idx.cpu(), torch.arange(n, dtype=torch.int32) // (n // ng))
-            self._ord = (self.g_idx, ok)
-        return self._ord[1]
-
     keep_dense = True        # torch path: keep Ŵ after the first call (set False to save memory, and unpack every call)
 
-    def _dense(self, dtype: torch.dtype) -> torch.Tensor:
-        "Ŵ in `dtype`, dequantized once and kept (a plain attribute, never saved) until a packed tensor is replaced."
-        key = (dtype, self.qweight, self.qzeros, self.scales, self.g_idx)
-        c = getattr(self, '_dense_cache', None)
-        if c is not None and c[0] == dtype and all(a is b for a, b in zip(c[1], key[1:])): return c[2]
-        W = self.dequantize(dtype)
-        if self.keep_dense: self._dense_cache = (dtype, key[1:], W)
+# %% ../nbs/19_packing.ipynb #a9e5d90b
+@patch
+def _ordered(self: QuantLinear) -> bool:
+    if not hasattr(self, '_ord') or self._ord[0] is not self.g_idx:
+        ng, n = self.scales.shape[0], self.in_features
+        ok = n % ng == 0 and torch.equal(self.g_idx.cpu(), torch.arange(n, dtype=torch.int32) // (n // ng))
+        self._ord = (self.g_idx, ok)
+    return self._ord[1]
+
+# %% ../nbs/19_packing.ipynb #006df142
+@patch
+def dequantize(self: QuantLinear, dtype: torch.dtype | None = None) -> torch.Tensor:
+    "$\\hat W$ `[out, in]` in `dtype` (default: the bias dtype, else float32)."
+    dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+    q = _unpack_last(self.qweight.T.contiguous(), self.bits)                # [m, n]: no transpose of the big tensor
+    z = _unpack_last(self.qzeros, self.bits).T                             # [m, ng]
+    if self.fmt == 'v1': z = (z + 1) & (2**self.bits - 1)
+    s = self.scales.T.to(dtype).contiguous(); z = z.to(dtype).contiguous()  # small; contiguous keeps Ŵ row-major
+    m, n, ng = self.out_features, self.in_features, self.scales.shape[0]
+    W = q.to(dtype)                                                        # in place from here: s·(q − z), one buffer
+    if self._ordered():
+        Wg = W.view(m, ng, n // ng)
+        Wg.sub_(z[:, :, None]).mul_(s[:, :, None])
         return W
+    gi = self.g_idx.long()
+    return W.sub_(z[:, gi]).mul_(s[:, gi])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if resolve_backend(self.backend, x.device) == 'cupy':
-            y = quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.g_idx,
-                             self.bits, self.fmt).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias.to(x.dtype)
-        return F.linear(x, self._dense(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+# %% ../nbs/19_packing.ipynb #b3511508
+@patch
+def _dense(self: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+    "Ŵ in `dtype`, dequantized once and kept (a plain attribute, never saved) until a packed tensor is replaced."
+    key = (dtype, self.qweight, self.qzeros, self.scales, self.g_idx)
+    c = getattr(self, '_dense_cache', None)
+    if c is not None and c[0] == dtype and all(a is b for a, b in zip(c[1], key[1:])): return c[2]
+    W = self.dequantize(dtype)
+    if self.keep_dense: self._dense_cache = (dtype, key[1:], W)
+    return W
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, format={self.fmt}, backend={self.backend}")
+# %% ../nbs/19_packing.ipynb #88d60004
+@patch
+def forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if resolve_backend(self.backend, x.device) == 'cupy':
+        y = quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.g_idx,
+                         self.bits, self.fmt).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+    return F.linear(x, self._dense(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-# %% ../nbs/19_packing.ipynb #7f0f72bd
-def _linear_from(res: QuantResult, bias: torch.Tensor | None) -> nn.Linear:
-    m, n = res.weight.shape
-    lin = nn.Linear(n, m, bias=bias is not None)
-    with torch.no_grad():
-        lin.weight.copy_(res.weight)
-        if bias is not None: lin.bias.copy_(bias)
-    return lin
+# %% ../nbs/19_packing.ipynb #1af0b8f6
+@patch
+def extra_repr(self: QuantLinear) -> str:
+    return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, format={self.fmt}, backend={self.backend}")
 
 # %% ../nbs/19_packing.ipynb #52b45c74
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

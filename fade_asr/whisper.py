@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch import nn
 
 from .util import file_sha256, publish_dir, staging_dir
@@ -439,7 +440,7 @@ def whisper_default_processor(model: nn.Module):
     fe = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins)
     return WhisperProcessor(feature_extractor=fe, tokenizer=_bundled_en_tokenizer())
 
-# %% ../nbs/10_whisper.ipynb #15d585d3
+# %% ../nbs/10_whisper.ipynb #f9d2602e
 class WhisperAdapter(ModelAdapter):
     "Adapter for `WhisperForConditionalGeneration` (and a bare `WhisperModel`)."
     family, window_s, stacks = 'whisper', 30.0, ('encoder', 'decoder')
@@ -467,99 +468,118 @@ class WhisperAdapter(ModelAdapter):
     def layers(self, model, stack): return getattr(self._base(model), stack).layers
     def group_names(self, stack): return [list(g) for g in self._groups[stack]]
 
-    # -- data --
     @property
-    def proc(self):
-        if self.processor is None: self.processor = whisper_default_processor(self.model)
-        return self.processor
+    def multilingual(self) -> bool: return self.model.config.vocab_size >= 51865   # English-only: 51864 tokens
 
-    @property
-    def multilingual(self) -> bool: return self.model.config.vocab_size >= 51865
+# %% ../nbs/10_whisper.ipynb #9ca19475
+@patch(as_prop=True)
+def proc(self: WhisperAdapter):
+    if self.processor is None: self.processor = whisper_default_processor(self.model)
+    return self.processor
 
-    def prompt_ids(self) -> list[int]:
-        "The decoder prompt prefix: sot [lang task] notimestamps."
-        tok = self.proc.tokenizer
-        toks = ['<|startoftranscript|>'] + ([f'<|{self.language}|>', f'<|{self.task}|>'] if self.multilingual else []) + ['<|notimestamps|>']
-        ids = tok.convert_tokens_to_ids(toks)
-        if any(i is None or i == tok.unk_token_id for i in ids):
-            raise ValueError(f"the tokenizer lacks one of {toks}; pass the model's own processor (and a language code "
-                             f"the model knows, e.g. 'en')")
-        return list(ids)
+# %% ../nbs/10_whisper.ipynb #bfe6fe5f
+@patch
+def prompt_ids(self: WhisperAdapter) -> list[int]:
+    "The decoder prompt prefix: sot [lang task] notimestamps."
+    tok = self.proc.tokenizer
+    toks = ['<|startoftranscript|>'] + ([f'<|{self.language}|>', f'<|{self.task}|>'] if self.multilingual else []) + ['<|notimestamps|>']
+    ids = tok.convert_tokens_to_ids(toks)
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        raise ValueError(f"the tokenizer lacks one of {toks}; pass the model's own processor (and a language code "
+                         f"the model knows, e.g. 'en')")
+    return list(ids)
 
-    def generate_kwargs(self) -> dict:
-        "A multilingual model is told its language and task (no language detection); an English-only one needs nothing."
-        return {'language': self.language, 'task': self.task} if self.multilingual else {}
+# %% ../nbs/10_whisper.ipynb #181cb6fb
+@patch
+def generate_kwargs(self: WhisperAdapter) -> dict:
+    "A multilingual model is told its language and task (no language detection); an English-only one needs nothing."
+    return {'language': self.language, 'task': self.task} if self.multilingual else {}
 
-    def features(self, audio: np.ndarray) -> torch.Tensor:
-        "Log-mel features [n_mels, 3000] of one (padded) 30-s window."
-        f = self.proc.feature_extractor(audio, sampling_rate=self.sample_rate, return_tensors='pt').input_features[0]
-        return f.to(torch.float32)
+# %% ../nbs/10_whisper.ipynb #f5a5f2f0
+@patch
+def features(self: WhisperAdapter, audio: np.ndarray) -> torch.Tensor:
+    "Log-mel features [n_mels, 3000] of one (padded) 30-s window."
+    f = self.proc.feature_extractor(audio, sampling_rate=self.sample_rate, return_tensors='pt').input_features[0]
+    return f.to(torch.float32)
 
-    def prepare(self, windows, teacher='reference', model=None):
-        if teacher not in ('reference', 'greedy'):
-            raise ValueError(f"teacher must be 'reference' or 'greedy', not {teacher!r}")
-        pre, tok = self.prompt_ids(), self.proc.tokenizer
-        for w in windows:
-            w.features = self.features(w.audio)
-            if teacher == 'reference':
-                ids = pre + tok.encode(' ' + w.text.strip(), add_special_tokens=False)
-            else:
-                ids = self.greedy_ids(self.model if model is None else model, w.features, pre)
-            w.tokens = torch.tensor(ids[:self.max_tokens], dtype=torch.long)
-        return windows
+# %% ../nbs/10_whisper.ipynb #4bb5a685
+@patch
+def prepare(self: WhisperAdapter, windows, teacher='reference', model=None):
+    if teacher not in ('reference', 'greedy'):
+        raise ValueError(f"teacher must be 'reference' or 'greedy', not {teacher!r}")
+    pre, tok = self.prompt_ids(), self.proc.tokenizer
+    for w in windows:
+        w.features = self.features(w.audio)
+        if teacher == 'reference':
+            ids = pre + tok.encode(' ' + w.text.strip(), add_special_tokens=False)
+        else:
+            ids = self.greedy_ids(self.model if model is None else model, w.features, pre)
+        w.tokens = torch.tensor(ids[:self.max_tokens], dtype=torch.long)
+    return windows
 
-    @torch.no_grad()
-    def greedy_ids(self, model, features: torch.Tensor, prefix: list[int], max_new: int = 224) -> list[int]:
-        "Greedy decoding of one window with `model` (no suppression, no timestamps); returns prefix + text ids."
-        eot = self.proc.tokenizer.convert_tokens_to_ids('<|endoftext|>')
-        base = self._base(model)
-        enc = base.encoder(features[None].to(model.dtype)).last_hidden_state
-        ids, past = list(prefix), None
-        inp = torch.tensor([ids])
-        for _ in range(min(max_new, self.max_tokens - len(prefix))):
-            out = base.decoder(input_ids=inp, encoder_hidden_states=enc, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            nxt = int(model.proj_out(out.last_hidden_state[0, -1]).argmax()) if hasattr(model, 'proj_out') else \
-                  int((out.last_hidden_state[0, -1] @ base.decoder.embed_tokens.weight.T).argmax())
-            if nxt == eot: break
-            ids.append(nxt); inp = torch.tensor([[nxt]])
-        return ids
+# %% ../nbs/10_whisper.ipynb #a2990d44
+@patch
+@torch.no_grad()
+def greedy_ids(self: WhisperAdapter, model, features: torch.Tensor, prefix: list[int], max_new: int = 224) -> list[int]:
+    "Greedy decoding of one window with `model` (no suppression, no timestamps); returns prefix + text ids."
+    eot = self.proc.tokenizer.convert_tokens_to_ids('<|endoftext|>')
+    base = self._base(model)
+    enc = base.encoder(features[None].to(model.dtype)).last_hidden_state
+    ids, past = list(prefix), None
+    inp = torch.tensor([ids])
+    for _ in range(min(max_new, self.max_tokens - len(prefix))):
+        out = base.decoder(input_ids=inp, encoder_hidden_states=enc, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = int(model.proj_out(out.last_hidden_state[0, -1]).argmax()) if hasattr(model, 'proj_out') else \
+              int((out.last_hidden_state[0, -1] @ base.decoder.embed_tokens.weight.T).argmax())
+        if nxt == eot: break
+        ids.append(nxt); inp = torch.tensor([[nxt]])
+    return ids
 
-    def transcribe_batch(self, model, audios, budgets, max_new_tokens=None, **generate_kwargs):
-        if max_new_tokens is not None: generate_kwargs['max_new_tokens'] = max_new_tokens
-        return generate_batch(model, self.proc, audios, budgets, self.sample_rate, **generate_kwargs)
+# %% ../nbs/10_whisper.ipynb #c06daa79
+@patch
+def transcribe_batch(self: WhisperAdapter, model, audios, budgets, max_new_tokens=None, **generate_kwargs):
+    if max_new_tokens is not None: generate_kwargs['max_new_tokens'] = max_new_tokens
+    return generate_batch(model, self.proc, audios, budgets, self.sample_rate, **generate_kwargs)
 
-    def batches(self, stack, windows, batch_size=8):
-        if stack == 'decoder': return [[i] for i in range(len(windows))]   # token lengths differ: no padding in H
-        return super().batches(stack, windows, batch_size)
+# %% ../nbs/10_whisper.ipynb #edc94a31
+@patch
+def batches(self: WhisperAdapter, stack, windows, batch_size=8):
+    if stack == 'decoder': return [[i] for i in range(len(windows))]   # token lengths differ: no padding in H
+    return ModelAdapter.batches(self, stack, windows, batch_size)
 
-    # -- running --
-    def stack_input(self, model, stack, windows, ctxs):
-        base = self._base(model)
-        if stack == 'encoder':
-            enc = base.encoder
-            x = torch.stack([w.features for w in windows]).to(enc.conv1.weight.dtype)
-            x = nn.functional.gelu(enc.conv1(x)); x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
-            return x + enc.embed_positions.weight[:x.shape[1]], {}
-        dec = base.decoder
-        ids = torch.stack([w.tokens for w in windows])
-        emb = dec.embed_tokens(ids) * getattr(dec, 'embed_scale', 1.0)
-        pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-        h = emb + dec.embed_positions(ids, position_ids=pos)
-        mask = causal_mask(dec.config, h, pos)
-        enc_h = torch.stack([c['encoder_hidden_states'] for c in ctxs])
-        return h, {'attention_mask': mask, 'encoder_hidden_states': enc_h}
+# %% ../nbs/10_whisper.ipynb #cb133c6b
+@patch
+def stack_input(self: WhisperAdapter, model, stack, windows, ctxs):
+    base = self._base(model)
+    if stack == 'encoder':
+        enc = base.encoder
+        x = torch.stack([w.features for w in windows]).to(enc.conv1.weight.dtype)
+        x = nn.functional.gelu(enc.conv1(x)); x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+        return x + enc.embed_positions.weight[:x.shape[1]], {}
+    dec = base.decoder
+    ids = torch.stack([w.tokens for w in windows])
+    emb = dec.embed_tokens(ids) * getattr(dec, 'embed_scale', 1.0)
+    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    h = emb + dec.embed_positions(ids, position_ids=pos)
+    mask = causal_mask(dec.config, h, pos)
+    enc_h = torch.stack([c['encoder_hidden_states'] for c in ctxs])
+    return h, {'attention_mask': mask, 'encoder_hidden_states': enc_h}
 
-    def run_block(self, block, hidden, kw):
-        if 'encoder_hidden_states' in kw:
-            return block(hidden, kw['attention_mask'], kw['encoder_hidden_states'], use_cache=False)
-        return block(hidden, None)
+# %% ../nbs/10_whisper.ipynb #a6bc6415
+@patch
+def run_block(self: WhisperAdapter, block, hidden, kw):
+    if 'encoder_hidden_states' in kw:
+        return block(hidden, kw['attention_mask'], kw['encoder_hidden_states'], use_cache=False)
+    return block(hidden, None)
 
-    def stack_output(self, model, stack, hidden, kw):
-        if stack == 'encoder':
-            e = self._base(model).encoder.layer_norm(hidden)
-            return [{'encoder_hidden_states': e[i]} for i in range(e.shape[0])]
-        return super().stack_output(model, stack, hidden, kw)
+# %% ../nbs/10_whisper.ipynb #4d205b35
+@patch
+def stack_output(self: WhisperAdapter, model, stack, hidden, kw):
+    if stack == 'encoder':
+        e = self._base(model).encoder.layer_norm(hidden)
+        return [{'encoder_hidden_states': e[i]} for i in range(e.shape[0])]
+    return ModelAdapter.stack_output(self, model, stack, hidden, kw)
 
 # %% ../nbs/10_whisper.ipynb #3a31e4fd
 register_family(ModelFamily('whisper', ('whisper',), _load_whisper_hf, WhisperAdapter));

@@ -399,7 +399,7 @@ _DT = {0: '<f4', 1: 'i1', 2: '<i2', 3: '<i4', 4: '<f2'}
 
 
 def _write_ct2(path: Path, arrays: dict, codes: dict, aliases: dict):
-    "An independent writer of the CT2 layout (METHOD §9)."
+    "An independent writer of the CT2 layout."
     s = lambda x: struct.pack('<H', len(x.encode()) + 1) + x.encode() + b'\0'
     b = struct.pack('<I', 6) + s('TestSpec') + struct.pack('<II', 1, len(arrays))
     for n, a in arrays.items():
