@@ -8,6 +8,7 @@ Docs: https://fade-asr.github.io/fade_asr/moonshine.html.md"""
 from __future__ import annotations
 
 import torch
+from fastcore.basics import patch
 from torch import nn
 
 from .families import causal_mask, ModelFamily, NativeLengthAdapter, attn_roles, register_family, _auto_loader
@@ -15,7 +16,7 @@ from .families import causal_mask, ModelFamily, NativeLengthAdapter, attn_roles,
 # %% auto #0
 __all__ = ['MoonshineAdapter']
 
-# %% ../nbs/11_moonshine.ipynb #8648ebb9
+# %% ../nbs/11_moonshine.ipynb #becc159e
 class MoonshineAdapter(NativeLengthAdapter):
     "Adapter for `MoonshineForConditionalGeneration`."
     family = 'moonshine'
@@ -36,54 +37,68 @@ class MoonshineAdapter(NativeLengthAdapter):
     def prefix(self, stack): return f"model.{stack}.layers"
     def layers(self, model, stack): return getattr(model.model, stack).layers
 
-    def _inputs(self, audios):
-        fe = self.proc.feature_extractor
-        return fe(list(audios), sampling_rate=self.sample_rate, return_tensors='pt', padding=True, return_attention_mask=True)
+# %% ../nbs/11_moonshine.ipynb #ed818e03
+@patch
+def _inputs(self: MoonshineAdapter, audios):
+    fe = self.proc.feature_extractor
+    return fe(list(audios), sampling_rate=self.sample_rate, return_tensors='pt', padding=True, return_attention_mask=True)
 
-    def prompt(self, w):
-        w.features = self._inputs([w.audio]).input_values[0].to(torch.float32)
-        return [int(self.model.config.decoder_start_token_id)]
+# %% ../nbs/11_moonshine.ipynb #3571b6a5
+@patch
+def prompt(self: MoonshineAdapter, w):
+    w.features = self._inputs([w.audio]).input_values[0].to(torch.float32)
+    return [int(self.model.config.decoder_start_token_id)]
 
-    @torch.no_grad()
-    def greedy_text_ids(self, model, w, prompt, max_new=224):
-        out = model.generate(w.features[None].to(model.dtype), max_new_tokens=max_new, do_sample=False, num_beams=1)
-        return self._strip_end(out[0].tolist()[len(prompt):])
+# %% ../nbs/11_moonshine.ipynb #c3a32765
+@patch
+@torch.no_grad()
+def greedy_text_ids(self: MoonshineAdapter, model, w, prompt, max_new=224):
+    out = model.generate(w.features[None].to(model.dtype), max_new_tokens=max_new, do_sample=False, num_beams=1)
+    return self._strip_end(out[0].tolist()[len(prompt):])
 
-    def stack_input(self, model, stack, windows, ctxs):
-        if stack == 'encoder':
-            enc = model.model.encoder
-            x = torch.stack([w.features for w in windows]).to(enc.conv1.weight.dtype)[:, None]
-            h = enc.groupnorm(torch.tanh(enc.conv1(x)))
-            h = nn.functional.gelu(enc.conv3(nn.functional.gelu(enc.conv2(h)))).permute(0, 2, 1)
-            pos = torch.arange(h.shape[1])[None]
-            return h, {'position_ids': pos, 'position_embeddings': enc.rotary_emb(h, position_ids=pos)}
-        dec = model.model.decoder
-        ids = torch.stack([w.tokens for w in windows])
-        h = dec.embed_tokens(ids)
-        pos = torch.arange(ids.shape[1])[None]
-        mask = causal_mask(dec.config, h, pos)
-        return h, {'attention_mask': mask, 'encoder_hidden_states': torch.stack([c['encoder_hidden_states'] for c in ctxs]),
-                   'position_ids': pos, 'position_embeddings': dec.rotary_emb(h, position_ids=pos)}
+# %% ../nbs/11_moonshine.ipynb #d07db073
+@patch
+def stack_input(self: MoonshineAdapter, model, stack, windows, ctxs):
+    if stack == 'encoder':
+        enc = model.model.encoder
+        x = torch.stack([w.features for w in windows]).to(enc.conv1.weight.dtype)[:, None]
+        h = enc.groupnorm(torch.tanh(enc.conv1(x)))
+        h = nn.functional.gelu(enc.conv3(nn.functional.gelu(enc.conv2(h)))).permute(0, 2, 1)
+        pos = torch.arange(h.shape[1])[None]
+        return h, {'position_ids': pos, 'position_embeddings': enc.rotary_emb(h, position_ids=pos)}
+    dec = model.model.decoder
+    ids = torch.stack([w.tokens for w in windows])
+    h = dec.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    mask = causal_mask(dec.config, h, pos)
+    return h, {'attention_mask': mask, 'encoder_hidden_states': torch.stack([c['encoder_hidden_states'] for c in ctxs]),
+               'position_ids': pos, 'position_embeddings': dec.rotary_emb(h, position_ids=pos)}
 
-    def run_block(self, block, hidden, kw):
-        if 'encoder_hidden_states' in kw:
-            return block(hidden, kw['attention_mask'], kw['encoder_hidden_states'], position_ids=kw['position_ids'],
-                         position_embeddings=kw['position_embeddings'], use_cache=False)
-        return block(hidden, None, position_ids=kw['position_ids'], position_embeddings=kw['position_embeddings'])
+# %% ../nbs/11_moonshine.ipynb #b7c1e8c6
+@patch
+def run_block(self: MoonshineAdapter, block, hidden, kw):
+    if 'encoder_hidden_states' in kw:
+        return block(hidden, kw['attention_mask'], kw['encoder_hidden_states'], position_ids=kw['position_ids'],
+                     position_embeddings=kw['position_embeddings'], use_cache=False)
+    return block(hidden, None, position_ids=kw['position_ids'], position_embeddings=kw['position_embeddings'])
 
-    def stack_output(self, model, stack, hidden, kw):
-        if stack == 'encoder':
-            e = model.model.encoder.layer_norm(hidden)
-            return [{'encoder_hidden_states': e[i]} for i in range(e.shape[0])]
-        return super().stack_output(model, stack, hidden, kw)
+# %% ../nbs/11_moonshine.ipynb #ccbf3640
+@patch
+def stack_output(self: MoonshineAdapter, model, stack, hidden, kw):
+    if stack == 'encoder':
+        e = model.model.encoder.layer_norm(hidden)
+        return [{'encoder_hidden_states': e[i]} for i in range(e.shape[0])]
+    return NativeLengthAdapter.stack_output(self, model, stack, hidden, kw)
 
-    @torch.no_grad()
-    def transcribe_batch(self, model, audios, budgets, max_new_tokens=None, **generate_kwargs):
-        inp = self._inputs(audios)
-        g = {'num_beams': 1, 'do_sample': False, **generate_kwargs, 'max_new_tokens': max_new_tokens or 448}
-        p = next(model.parameters())
-        out = model.generate(inp.input_values.to(device=p.device, dtype=p.dtype), attention_mask=inp.attention_mask.to(p.device), **g)
-        return self.decode_rows(out.tolist(), budgets)
+# %% ../nbs/11_moonshine.ipynb #fabc7a97
+@patch
+@torch.no_grad()
+def transcribe_batch(self: MoonshineAdapter, model, audios, budgets, max_new_tokens=None, **generate_kwargs):
+    inp = self._inputs(audios)
+    g = {'num_beams': 1, 'do_sample': False, **generate_kwargs, 'max_new_tokens': max_new_tokens or 448}
+    p = next(model.parameters())
+    out = model.generate(inp.input_values.to(device=p.device, dtype=p.dtype), attention_mask=inp.attention_mask.to(p.device), **g)
+    return self.decode_rows(out.tolist(), budgets)
 
 # %% ../nbs/11_moonshine.ipynb #468cca4f
 register_family(ModelFamily('moonshine', ('moonshine',), _auto_loader('MoonshineForConditionalGeneration'), MoonshineAdapter));

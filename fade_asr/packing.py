@@ -42,7 +42,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if not cupy_available(): raise ValueError("backend 'cupy' needs CuPy and a GPU: pip install 'fade_asr[gpu]' (cupy-cuda13x), or use backend='torch'")
     return b
 
-# %% ../nbs/19_packing.ipynb #7c4e5486
+# %% ../nbs/19_packing.ipynb #33adc6ae
 class QuantLinear(nn.Module):
     "A packed GPTQ-layout replacement for `nn.Linear(in_features, out_features)`: `bits`-bit codes, groups of `group_size` (-1: whole row)."
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128, bias: bool = True,
@@ -77,7 +77,7 @@ class QuantLinear(nn.Module):
 
     keep_dense = True        # torch path: keep Ŵ after the first call (set False to save memory, and unpack every call)
 
-# %% ../nbs/19_packing.ipynb #a9e5d90b
+# %% ../nbs/19_packing.ipynb #ac410ed9
 @patch
 def _ordered(self: QuantLinear) -> bool:
     if not hasattr(self, '_ord') or self._ord[0] is not self.g_idx:
@@ -86,7 +86,7 @@ def _ordered(self: QuantLinear) -> bool:
         self._ord = (self.g_idx, ok)
     return self._ord[1]
 
-# %% ../nbs/19_packing.ipynb #006df142
+# %% ../nbs/19_packing.ipynb #670466fd
 @patch
 def dequantize(self: QuantLinear, dtype: torch.dtype | None = None) -> torch.Tensor:
     "$\\hat W$ `[out, in]` in `dtype` (default: the bias dtype, else float32)."
@@ -104,7 +104,7 @@ def dequantize(self: QuantLinear, dtype: torch.dtype | None = None) -> torch.Ten
     gi = self.g_idx.long()
     return W.sub_(z[:, gi]).mul_(s[:, gi])
 
-# %% ../nbs/19_packing.ipynb #b3511508
+# %% ../nbs/19_packing.ipynb #68727fbc
 @patch
 def _dense(self: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
     "Ŵ in `dtype`, dequantized once and kept (a plain attribute, never saved) until a packed tensor is replaced."
@@ -115,7 +115,7 @@ def _dense(self: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
     if self.keep_dense: self._dense_cache = (dtype, key[1:], W)
     return W
 
-# %% ../nbs/19_packing.ipynb #88d60004
+# %% ../nbs/19_packing.ipynb #a7a097ab
 @patch
 def forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if resolve_backend(self.backend, x.device) == 'cupy':
@@ -124,7 +124,7 @@ def forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(x.dtype)
     return F.linear(x, self._dense(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-# %% ../nbs/19_packing.ipynb #1af0b8f6
+# %% ../nbs/19_packing.ipynb #4c574d7d
 @patch
 def extra_repr(self: QuantLinear) -> str:
     return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

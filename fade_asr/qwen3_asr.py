@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch import nn
 
 from .families import causal_mask, ModelFamily, NativeLengthAdapter, attn_roles, register_family, _auto_loader
@@ -16,7 +17,7 @@ from .families import causal_mask, ModelFamily, NativeLengthAdapter, attn_roles,
 # %% auto #0
 __all__ = ['Qwen3ASRAdapter']
 
-# %% ../nbs/12_qwen3_asr.ipynb #f0a2ce72
+# %% ../nbs/12_qwen3_asr.ipynb #55b84fde
 class Qwen3ASRAdapter(NativeLengthAdapter):
     "Adapter for `Qwen3ASRForConditionalGeneration`: audio encoder + projector + Qwen3 LLM decoder."
     family = 'qwen3_asr'
@@ -36,83 +37,99 @@ class Qwen3ASRAdapter(NativeLengthAdapter):
     def prefix(self, stack): return f"model.{self._where[stack]}.layers"
     def layers(self, model, stack): return getattr(model.model, self._where[stack]).layers
 
-    def _inputs(self, audios):
-        if not hasattr(self.proc, 'apply_transcription_request'):
-            raise ValueError(f"the Qwen3-ASR adapter needs a Qwen3ASRProcessor, got {type(self.proc).__name__}; "
-                             "load the checkpoint's own processor (AutoProcessor.from_pretrained(dir))")
-        return self.proc.apply_transcription_request(audio=[np.asarray(a, np.float32) for a in audios], language=self.language)
+# %% ../nbs/12_qwen3_asr.ipynb #a1219d9c
+@patch
+def _inputs(self: Qwen3ASRAdapter, audios):
+    if not hasattr(self.proc, 'apply_transcription_request'):
+        raise ValueError(f"the Qwen3-ASR adapter needs a Qwen3ASRProcessor, got {type(self.proc).__name__}; "
+                         "load the checkpoint's own processor (AutoProcessor.from_pretrained(dir))")
+    return self.proc.apply_transcription_request(audio=[np.asarray(a, np.float32) for a in audios], language=self.language)
 
-    def prompt(self, w):
-        inp = self._inputs([w.audio])
-        w.features = inp['input_features'][0].to(torch.float32)
-        w.extra['features_mask'] = inp['input_features_mask'][0]
-        return inp['input_ids'][0].tolist()
+# %% ../nbs/12_qwen3_asr.ipynb #4fa7e65c
+@patch
+def prompt(self: Qwen3ASRAdapter, w):
+    inp = self._inputs([w.audio])
+    w.features = inp['input_features'][0].to(torch.float32)
+    w.extra['features_mask'] = inp['input_features_mask'][0]
+    return inp['input_ids'][0].tolist()
 
-    @torch.no_grad()
-    def greedy_text_ids(self, model, w, prompt, max_new=224):
-        ids = torch.tensor([prompt])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=w.features[None].to(model.dtype),
-                             input_features_mask=w.extra['features_mask'][None], max_new_tokens=max_new, do_sample=False, num_beams=1)
-        return self._strip_end(out[0, len(prompt):].tolist())
+# %% ../nbs/12_qwen3_asr.ipynb #3b90c6d6
+@patch
+@torch.no_grad()
+def greedy_text_ids(self: Qwen3ASRAdapter, model, w, prompt, max_new=224):
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=w.features[None].to(model.dtype),
+                         input_features_mask=w.extra['features_mask'][None], max_new_tokens=max_new, do_sample=False, num_beams=1)
+    return self._strip_end(out[0, len(prompt):].tolist())
 
-    def token_rows(self, stack, x, b, kw):
-        # the audio encoder runs on one flat sequence [tokens, features] per window (batches hold one window)
-        return x.reshape(-1, x.shape[-1]) if stack == 'encoder' else super().token_rows(stack, x, b, kw)
+# %% ../nbs/12_qwen3_asr.ipynb #c9fca930
+@patch
+def token_rows(self: Qwen3ASRAdapter, stack, x, b, kw):
+    # the audio encoder runs on one flat sequence [tokens, features] per window (batches hold one window)
+    return x.reshape(-1, x.shape[-1]) if stack == 'encoder' else NativeLengthAdapter.token_rows(self, stack, x, b, kw)
 
-    def stack_input(self, model, stack, windows, ctxs):
-        base = model.model
-        if stack == 'encoder':
-            if len(windows) != 1: raise ValueError("the Qwen3-ASR encoder is calibrated one window at a time")
-            at, w = base.audio_tower, windows[0]
-            feats, fmask = w.features[None].to(at.conv2d1.weight.dtype), w.extra['features_mask'][None]
-            n_mel, T = feats.shape[1], feats.shape[2]
-            cl = at.n_window * 2
-            if T % cl: raise ValueError(f"Qwen3-ASR features have {T} frames, not a multiple of {cl}; use the model's processor")
-            from transformers.models.qwen3_asr.modeling_qwen3_asr import get_audio_cu_seqlens
-            chunk_lens = fmask.view(1, T // cl, cl).sum(-1).reshape(-1).long()
-            cu = get_audio_cu_seqlens(chunk_lens, fmask.sum(-1).long(), at.n_window_infer, at.n_window)
-            x = feats.view(1, n_mel, T // cl, cl).permute(0, 2, 1, 3).reshape(T // cl, 1, n_mel, cl)
-            x = nn.functional.gelu(at.conv2d3(nn.functional.gelu(at.conv2d2(nn.functional.gelu(at.conv2d1(x))))))
-            n, c, f, t = x.shape
-            x = at.conv_out(x.permute(0, 3, 1, 2).reshape(n, t, c * f)) + at.positional_embedding.positional_embedding[:t].to(x.dtype)
-            keep = (torch.arange(t)[None] < at._post_cnn_length(chunk_lens)[:, None]).flatten()
-            h = x.reshape(-1, x.shape[-1])[keep]
-            return h, {'cu_seqlens': cu, 'max_seqlen': int((cu[1:] - cu[:-1]).max())}
-        lm = base.language_model
-        ids = torch.stack([w.tokens for w in windows])
-        h = lm.embed_tokens(ids)
-        audio = ids == model.config.audio_token_id
-        for i, c in enumerate(ctxs):
-            a = c['audio_embeds']
-            if int(audio[i].sum()) != a.shape[0]:
-                raise ValueError(f"window {windows[i].ids}: {int(audio[i].sum())} audio placeholder tokens but {a.shape[0]} "
-                                 "audio frames; the processor does not match the model (n_window?)")
-            h[i, audio[i]] = a.to(h.dtype)
-        pos = torch.arange(ids.shape[1])[None]
-        mask = causal_mask(lm.config, h, pos)
-        return h, {'attention_mask': mask, 'position_ids': pos, 'position_embeddings': lm.rotary_emb(h, pos)}
+# %% ../nbs/12_qwen3_asr.ipynb #be8f8e0e
+@patch
+def stack_input(self: Qwen3ASRAdapter, model, stack, windows, ctxs):
+    base = model.model
+    if stack == 'encoder':
+        if len(windows) != 1: raise ValueError("the Qwen3-ASR encoder is calibrated one window at a time")
+        at, w = base.audio_tower, windows[0]
+        feats, fmask = w.features[None].to(at.conv2d1.weight.dtype), w.extra['features_mask'][None]
+        n_mel, T = feats.shape[1], feats.shape[2]
+        cl = at.n_window * 2
+        if T % cl: raise ValueError(f"Qwen3-ASR features have {T} frames, not a multiple of {cl}; use the model's processor")
+        from transformers.models.qwen3_asr.modeling_qwen3_asr import get_audio_cu_seqlens
+        chunk_lens = fmask.view(1, T // cl, cl).sum(-1).reshape(-1).long()
+        cu = get_audio_cu_seqlens(chunk_lens, fmask.sum(-1).long(), at.n_window_infer, at.n_window)
+        x = feats.view(1, n_mel, T // cl, cl).permute(0, 2, 1, 3).reshape(T // cl, 1, n_mel, cl)
+        x = nn.functional.gelu(at.conv2d3(nn.functional.gelu(at.conv2d2(nn.functional.gelu(at.conv2d1(x))))))
+        n, c, f, t = x.shape
+        x = at.conv_out(x.permute(0, 3, 1, 2).reshape(n, t, c * f)) + at.positional_embedding.positional_embedding[:t].to(x.dtype)
+        keep = (torch.arange(t)[None] < at._post_cnn_length(chunk_lens)[:, None]).flatten()
+        h = x.reshape(-1, x.shape[-1])[keep]
+        return h, {'cu_seqlens': cu, 'max_seqlen': int((cu[1:] - cu[:-1]).max())}
+    lm = base.language_model
+    ids = torch.stack([w.tokens for w in windows])
+    h = lm.embed_tokens(ids)
+    audio = ids == model.config.audio_token_id
+    for i, c in enumerate(ctxs):
+        a = c['audio_embeds']
+        if int(audio[i].sum()) != a.shape[0]:
+            raise ValueError(f"window {windows[i].ids}: {int(audio[i].sum())} audio placeholder tokens but {a.shape[0]} "
+                             "audio frames; the processor does not match the model (n_window?)")
+        h[i, audio[i]] = a.to(h.dtype)
+    pos = torch.arange(ids.shape[1])[None]
+    mask = causal_mask(lm.config, h, pos)
+    return h, {'attention_mask': mask, 'position_ids': pos, 'position_embeddings': lm.rotary_emb(h, pos)}
 
-    def run_block(self, block, hidden, kw):
-        if 'cu_seqlens' in kw: return block(hidden, kw['cu_seqlens'], max_seqlen=kw['max_seqlen'])[0]
-        return block(hidden, attention_mask=kw['attention_mask'], position_ids=kw['position_ids'],
-                     position_embeddings=kw['position_embeddings'], use_cache=False)
+# %% ../nbs/12_qwen3_asr.ipynb #09092ae8
+@patch
+def run_block(self: Qwen3ASRAdapter, block, hidden, kw):
+    if 'cu_seqlens' in kw: return block(hidden, kw['cu_seqlens'], max_seqlen=kw['max_seqlen'])[0]
+    return block(hidden, attention_mask=kw['attention_mask'], position_ids=kw['position_ids'],
+                 position_embeddings=kw['position_embeddings'], use_cache=False)
 
-    def stack_output(self, model, stack, hidden, kw):
-        if stack == 'encoder':
-            a = model.model.multi_modal_projector(model.model.audio_tower.ln_post(hidden))
-            return [{'audio_embeds': a}]
-        return super().stack_output(model, stack, hidden, kw)
+# %% ../nbs/12_qwen3_asr.ipynb #ba70b799
+@patch
+def stack_output(self: Qwen3ASRAdapter, model, stack, hidden, kw):
+    if stack == 'encoder':
+        a = model.model.multi_modal_projector(model.model.audio_tower.ln_post(hidden))
+        return [{'audio_embeds': a}]
+    return NativeLengthAdapter.stack_output(self, model, stack, hidden, kw)
 
-    @torch.no_grad()
-    def transcribe_batch(self, model, audios, budgets, max_new_tokens=None, **generate_kwargs):
-        inp = self._inputs(audios)
-        p = next(model.parameters())
-        inp = {k: (v.to(p.device, p.dtype) if k == 'input_features' else v.to(p.device)) for k, v in inp.items()}
-        g = {'num_beams': 1, 'do_sample': False, **generate_kwargs, 'max_new_tokens': max_new_tokens or 448}
-        out = model.generate(**inp, **g)
-        rows = out[:, inp['input_ids'].shape[1]:].tolist()
-        texts = self.decode_rows(rows, budgets)
-        return [t.split('<asr_text>', 1)[-1].strip() for t in texts]
+# %% ../nbs/12_qwen3_asr.ipynb #fa1e4954
+@patch
+@torch.no_grad()
+def transcribe_batch(self: Qwen3ASRAdapter, model, audios, budgets, max_new_tokens=None, **generate_kwargs):
+    inp = self._inputs(audios)
+    p = next(model.parameters())
+    inp = {k: (v.to(p.device, p.dtype) if k == 'input_features' else v.to(p.device)) for k, v in inp.items()}
+    g = {'num_beams': 1, 'do_sample': False, **generate_kwargs, 'max_new_tokens': max_new_tokens or 448}
+    out = model.generate(**inp, **g)
+    rows = out[:, inp['input_ids'].shape[1]:].tolist()
+    texts = self.decode_rows(rows, budgets)
+    return [t.split('<asr_text>', 1)[-1].strip() for t in texts]
 
 # %% ../nbs/12_qwen3_asr.ipynb #0f8b4ae6
 register_family(ModelFamily('qwen3_asr', ('qwen3_asr',), _auto_loader('Qwen3ASRForConditionalGeneration'), Qwen3ASRAdapter));

@@ -440,7 +440,7 @@ def whisper_default_processor(model: nn.Module):
     fe = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins)
     return WhisperProcessor(feature_extractor=fe, tokenizer=_bundled_en_tokenizer())
 
-# %% ../nbs/10_whisper.ipynb #f9d2602e
+# %% ../nbs/10_whisper.ipynb #3fb6657d
 class WhisperAdapter(ModelAdapter):
     "Adapter for `WhisperForConditionalGeneration` (and a bare `WhisperModel`)."
     family, window_s, stacks = 'whisper', 30.0, ('encoder', 'decoder')
@@ -471,13 +471,13 @@ class WhisperAdapter(ModelAdapter):
     @property
     def multilingual(self) -> bool: return self.model.config.vocab_size >= 51865   # English-only: 51864 tokens
 
-# %% ../nbs/10_whisper.ipynb #9ca19475
+# %% ../nbs/10_whisper.ipynb #a8848674
 @patch(as_prop=True)
 def proc(self: WhisperAdapter):
     if self.processor is None: self.processor = whisper_default_processor(self.model)
     return self.processor
 
-# %% ../nbs/10_whisper.ipynb #bfe6fe5f
+# %% ../nbs/10_whisper.ipynb #7d89cc3e
 @patch
 def prompt_ids(self: WhisperAdapter) -> list[int]:
     "The decoder prompt prefix: sot [lang task] notimestamps."
@@ -489,20 +489,20 @@ def prompt_ids(self: WhisperAdapter) -> list[int]:
                          f"the model knows, e.g. 'en')")
     return list(ids)
 
-# %% ../nbs/10_whisper.ipynb #181cb6fb
+# %% ../nbs/10_whisper.ipynb #f86ecf4b
 @patch
 def generate_kwargs(self: WhisperAdapter) -> dict:
     "A multilingual model is told its language and task (no language detection); an English-only one needs nothing."
     return {'language': self.language, 'task': self.task} if self.multilingual else {}
 
-# %% ../nbs/10_whisper.ipynb #f5a5f2f0
+# %% ../nbs/10_whisper.ipynb #9fe421ef
 @patch
 def features(self: WhisperAdapter, audio: np.ndarray) -> torch.Tensor:
     "Log-mel features [n_mels, 3000] of one (padded) 30-s window."
     f = self.proc.feature_extractor(audio, sampling_rate=self.sample_rate, return_tensors='pt').input_features[0]
     return f.to(torch.float32)
 
-# %% ../nbs/10_whisper.ipynb #4bb5a685
+# %% ../nbs/10_whisper.ipynb #65c7fcc8
 @patch
 def prepare(self: WhisperAdapter, windows, teacher='reference', model=None):
     if teacher not in ('reference', 'greedy'):
@@ -517,7 +517,7 @@ def prepare(self: WhisperAdapter, windows, teacher='reference', model=None):
         w.tokens = torch.tensor(ids[:self.max_tokens], dtype=torch.long)
     return windows
 
-# %% ../nbs/10_whisper.ipynb #a2990d44
+# %% ../nbs/10_whisper.ipynb #06949180
 @patch
 @torch.no_grad()
 def greedy_ids(self: WhisperAdapter, model, features: torch.Tensor, prefix: list[int], max_new: int = 224) -> list[int]:
@@ -536,19 +536,19 @@ def greedy_ids(self: WhisperAdapter, model, features: torch.Tensor, prefix: list
         ids.append(nxt); inp = torch.tensor([[nxt]])
     return ids
 
-# %% ../nbs/10_whisper.ipynb #c06daa79
+# %% ../nbs/10_whisper.ipynb #c39c386c
 @patch
 def transcribe_batch(self: WhisperAdapter, model, audios, budgets, max_new_tokens=None, **generate_kwargs):
     if max_new_tokens is not None: generate_kwargs['max_new_tokens'] = max_new_tokens
     return generate_batch(model, self.proc, audios, budgets, self.sample_rate, **generate_kwargs)
 
-# %% ../nbs/10_whisper.ipynb #edc94a31
+# %% ../nbs/10_whisper.ipynb #59296dd0
 @patch
 def batches(self: WhisperAdapter, stack, windows, batch_size=8):
     if stack == 'decoder': return [[i] for i in range(len(windows))]   # token lengths differ: no padding in H
     return ModelAdapter.batches(self, stack, windows, batch_size)
 
-# %% ../nbs/10_whisper.ipynb #cb133c6b
+# %% ../nbs/10_whisper.ipynb #80baf363
 @patch
 def stack_input(self: WhisperAdapter, model, stack, windows, ctxs):
     base = self._base(model)
@@ -566,14 +566,14 @@ def stack_input(self: WhisperAdapter, model, stack, windows, ctxs):
     enc_h = torch.stack([c['encoder_hidden_states'] for c in ctxs])
     return h, {'attention_mask': mask, 'encoder_hidden_states': enc_h}
 
-# %% ../nbs/10_whisper.ipynb #a6bc6415
+# %% ../nbs/10_whisper.ipynb #4f6884ff
 @patch
 def run_block(self: WhisperAdapter, block, hidden, kw):
     if 'encoder_hidden_states' in kw:
         return block(hidden, kw['attention_mask'], kw['encoder_hidden_states'], use_cache=False)
     return block(hidden, None)
 
-# %% ../nbs/10_whisper.ipynb #4d205b35
+# %% ../nbs/10_whisper.ipynb #812166cc
 @patch
 def stack_output(self: WhisperAdapter, model, stack, hidden, kw):
     if stack == 'encoder':
