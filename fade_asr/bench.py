@@ -813,7 +813,7 @@ def write_bench_kernels(out_dir='bench_kernels', e2e_model=None, **kw) -> Path:
 # %% ../nbs/22_benchmark.ipynb #a7b35fbf
 _LONG_AUDIO_PROBE = """
 import sys, numpy as np
-from fade_asr.data import load_audio
+from fade_asr.data import read_audio
 from fade_asr.scoring import transcribe
 from fade_asr.testing import FrameCountModel, tiny_random_whisper, tiny_tokenizer
 from fade_asr.whisper import whisper_default_processor
@@ -822,14 +822,14 @@ m = FrameCountModel(tiny_tokenizer(['<|endoftext|>'], eos_token='<|endoftext|>')
 def hwm():   # peak RSS of this process (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024
 base = hwm()
-a = load_audio(sys.argv[1])
+a = read_audio(sys.argv[1])       # as a data set reads it: a long file is streamed
 after_load = hwm()
 transcribe(m, proc, [a], progress=False)
-print(base, after_load, hwm(), a.nbytes / 2**20)
+print(base, after_load, hwm(), len(a) * 4 / 2**20)
 """
 
 def long_audio_memory(minutes: Sequence[float] = (1, 10, 30, 60), out_dir='bench/long_audio') -> list[dict]:
-    "Peak RSS (Linux VmHWM) of loading and transcribing WAVs of each length (fresh process each); writes results.json and results.md."
+    "Peak RSS (Linux VmHWM) of reading and transcribing WAVs of each length (fresh process each); writes results.json and results.md."
     import subprocess, sys, tempfile, wave
     rows = []
     with tempfile.TemporaryDirectory() as td:

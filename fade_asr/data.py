@@ -6,7 +6,7 @@ Docs: https://fade-asr.github.io/fade_asr/data.html.md"""
 
 # %% ../nbs/08_data.ipynb #00c190c5
 from __future__ import annotations
-import gzip, hashlib, json, os, re, shutil, struct, subprocess, tempfile, time, warnings, zlib
+import gzip, hashlib, itertools, json, os, re, shutil, struct, subprocess, tempfile, time, warnings, zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -17,14 +17,15 @@ import numpy as np
 from .util import atomic_write_text, publish_dir
 
 # %% auto #0
-__all__ = ['SAMPLE_RATE', 'SPLITS', 'AUDIO_KEYS', 'CORPUS_KINDS', 'ASTERISK_PACKAGES', 'ASTERISK_FRACTIONS', 'STRINGR_PACKAGE',
-           'HARVARD_FRACTIONS', 'Utterance', 'SpeechDataset', 'AudioError', 'AudioFileNotFound', 'load_audio',
-           'save_audio', 'write_manifest', 'read_manifest', 'load_manifest', 'text_key', 'assign_splits', 'data_dir',
-           'shipped_datasets', 'dataset_info', 'parse_data_spec', 'librispeech_rows', 'tedlium_text', 'tedlium_rows',
-           'spgispeech_rows', 'hf_rows', 'corpus_rows', 'load_corpus', 'load_dataset', 'calibration_subset', 'held_out',
-           'parse_asterisk_transcripts', 'clean_prompt_text', 'select_prompts', 'fetch_debian_packages',
-           'summarize_rows', 'finalize_set', 'build_asterisk', 'read_r_lazyload', 'piper_synthesizer',
-           'festival_synthesizer', 'select_sentences', 'build_harvard', 'build_all', 'check_split_disjoint']
+__all__ = ['SAMPLE_RATE', 'SPLITS', 'LONG_AUDIO_S', 'AUDIO_KEYS', 'CORPUS_KINDS', 'ASTERISK_PACKAGES', 'ASTERISK_FRACTIONS',
+           'STRINGR_PACKAGE', 'HARVARD_FRACTIONS', 'Utterance', 'SpeechDataset', 'AudioError', 'AudioFileNotFound',
+           'audio_chunks', 'load_audio', 'save_audio', 'StreamedAudio', 'read_audio', 'write_manifest', 'read_manifest',
+           'load_manifest', 'text_key', 'assign_splits', 'data_dir', 'shipped_datasets', 'dataset_info',
+           'parse_data_spec', 'librispeech_rows', 'tedlium_text', 'tedlium_rows', 'spgispeech_rows', 'hf_rows',
+           'corpus_rows', 'load_corpus', 'load_dataset', 'calibration_subset', 'held_out', 'parse_asterisk_transcripts',
+           'clean_prompt_text', 'select_prompts', 'fetch_debian_packages', 'summarize_rows', 'finalize_set',
+           'build_asterisk', 'read_r_lazyload', 'piper_synthesizer', 'festival_synthesizer', 'select_sentences',
+           'build_harvard', 'build_all', 'check_split_disjoint']
 
 # %% ../nbs/08_data.ipynb #657275f3
 SAMPLE_RATE = 16_000  # Whisper, Moonshine and Qwen3-ASR all take 16-kHz mono
@@ -120,52 +121,61 @@ def _wav_declared_seconds(path: Path) -> float | None:
 
 # %% ../nbs/08_data.ipynb #babef180
 class _MonoBuffer:
-    "Decoded frames averaged to mono into one growing float32 buffer: about 1× the audio's size in memory, however long."
-    def __init__(self, expect: int): self.buf, self.n, self.bad = np.empty(max(expect, 1), np.float32), 0, 0
-    def add(self, frame: np.ndarray):
-        m = frame.mean(axis=0, dtype=np.float32) if frame.shape[0] > 1 else frame[0].astype(np.float32, copy=False)
+    "Mono chunks gathered into one growing float32 buffer: about 1× the audio's size in memory, however long."
+    def __init__(self, expect: int): self.buf, self.n = np.empty(max(expect, 1), np.float32), 0
+    def add(self, m: np.ndarray):
         if self.n + len(m) > len(self.buf):                       # the container's duration was short: grow by half
             new = np.empty(max(self.n + len(m), int(len(self.buf) * 1.5)), np.float32); new[:self.n] = self.buf[:self.n]; self.buf = new
         self.buf[self.n:self.n + len(m)] = m; self.n += len(m)
-        self.bad += int(len(m) - np.isfinite(m).sum())
     def array(self) -> np.ndarray:
         "The samples; copied only if over a tenth of the buffer is slack."
         return self.buf[:self.n] if self.n >= 0.9 * len(self.buf) else self.buf[:self.n].copy()
 
-# %% ../nbs/08_data.ipynb #5c1d7666
-def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
-    "Decode any audio file PyAV reads to mono float32 at `sr` Hz (G.722 recognised by its `.g722` suffix)."
+# %% ../nbs/08_data.ipynb #e91fc21f
+def audio_chunks(path: str | os.PathLike, sr: int = SAMPLE_RATE, info: dict | None = None) -> Iterator[np.ndarray]:
+    """Decode any audio file PyAV reads to mono float32 at `sr` Hz, one chunk at a time (G.722 recognised by its
+    `.g722` suffix); the checks on what was decoded (nothing, non-finite samples, truncation) run after the last chunk.
+    `info`, if given, receives the duration the header declares ('declared', seconds or None) before the first chunk."""
     path = Path(path)
     if not path.exists(): raise AudioFileNotFound(f"Audio file not found: {path}. Check the path, or {_FIX}.")
     if path.is_dir(): raise AudioError(f"{path} is a directory, not an audio file.")
     if path.stat().st_size == 0: raise AudioError(f"Audio file {path} is empty (0 bytes); {_FIX}.")
-    fmt = 'g722' if path.suffix.lower() == '.g722' else None
+    fmt, n, bad = ('g722' if path.suffix.lower() == '.g722' else None), 0, 0
     try:
         with av.open(str(path), format=fmt) as c:
             if not c.streams.audio: raise AudioError(f"{path} has no audio stream; is it really an audio file?")
             s = c.streams.audio[0]
             declared, fmt_name = _decoded_seconds(c, s), c.format.name
             if fmt_name == 'wav': declared = _wav_declared_seconds(path) or declared
+            if info is not None: info['declared'] = declared
             rs = av.AudioResampler(format='fltp', rate=sr)  # keep the channels; each frame is averaged as it comes
-            buf = _MonoBuffer(int((declared or 0) * sr) + sr)
-            for fr in c.decode(s):
-                for f in rs.resample(fr): buf.add(f.to_ndarray())
-            for f in rs.resample(None): buf.add(f.to_ndarray())
+            for fr in itertools.chain(c.decode(s), [None]):  # None: flush the resampler
+                for f in rs.resample(fr):
+                    x = f.to_ndarray()
+                    m = x.mean(axis=0, dtype=np.float32) if x.shape[0] > 1 else x[0].astype(np.float32, copy=False)
+                    n += len(m); bad += int(len(m) - np.isfinite(m).sum())
+                    yield m
     except AudioError: raise
     except (av.FFmpegError, UnicodeDecodeError, EOFError) as e:
         raise AudioError(f"Cannot decode {path} ({type(e).__name__}: {e}): the file is corrupt, truncated "
                          f"or not audio; {_FIX}.") from e
-    if buf.n == 0:
+    if n == 0:
         raise AudioError(f"{path} decodes to zero audio samples (empty or truncated); {_FIX}.")
-    if buf.bad:
-        raise AudioError(f"{path} holds {buf.bad} non-finite samples (NaN or inf): the file is damaged; "
+    if bad:
+        raise AudioError(f"{path} holds {bad} non-finite samples (NaN or inf): the file is damaged; "
                          f"re-export it from its source, or drop it from the data set.")
-    x = buf.array()
-    got = len(x) / sr
-    if declared and fmt_name.split(',')[0] in _EXACT_LENGTH_FORMATS and got < 0.98 * declared - 0.02:
-        raise AudioError(f"{path} is truncated: its header declares {declared:.2f}s but only {got:.2f}s "
+    if declared and fmt_name.split(',')[0] in _EXACT_LENGTH_FORMATS and n / sr < 0.98 * declared - 0.02:
+        raise AudioError(f"{path} is truncated: its header declares {declared:.2f}s but only {n / sr:.2f}s "
                          f"could be decoded; {_FIX}.")
-    return x
+
+# %% ../nbs/08_data.ipynb #04bb3967
+def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
+    "Decode any audio file PyAV reads to mono float32 at `sr` Hz, whole (`audio_chunks`, gathered)."
+    info, buf = {}, None
+    for m in audio_chunks(path, sr, info):
+        if buf is None: buf = _MonoBuffer(int((info['declared'] or 0) * sr) + sr)
+        buf.add(m)
+    return buf.array()
 
 # %% ../nbs/08_data.ipynb #0da94fbf
 def save_audio(path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE, codec: str | None = None):
@@ -188,6 +198,33 @@ def save_audio(path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE
         for p in s.encode(None): c.mux(p)
     with open(tmp, 'rb+') as f: os.fsync(f.fileno())
     os.replace(tmp, path)
+
+# %% ../nbs/08_data.ipynb #570d45ba
+LONG_AUDIO_S = 600.0      # longer recordings are streamed from disk, never held whole
+
+class StreamedAudio:
+    "A recording too long to hold: its path and length, its samples decoded again, chunk by chunk, whenever they are used."
+    def __init__(self, path: str | os.PathLike, n: int, sr: int = SAMPLE_RATE): self.path, self.n, self.sr = Path(path), n, sr
+    def __len__(self) -> int: return self.n
+    def chunks(self) -> Iterator[np.ndarray]: return audio_chunks(self.path, self.sr)
+    def __array__(self, dtype=None, copy=None):
+        a = load_audio(self.path, self.sr)
+        return a if dtype is None else a.astype(dtype, copy=False)
+    def __repr__(self): return f"StreamedAudio({str(self.path)!r}, {self.n / self.sr:.1f} s)"
+
+# %% ../nbs/08_data.ipynb #c1325ff8
+def read_audio(path: str | os.PathLike, long_s: float | None = None) -> np.ndarray | StreamedAudio:
+    """`load_audio`, except that a recording whose header declares more than `long_s` seconds (default `LONG_AUDIO_S`)
+    is checked chunk by chunk and comes back as a `StreamedAudio`, so that it is never held whole."""
+    long_s = LONG_AUDIO_S if long_s is None else long_s
+    info = {}
+    it = audio_chunks(path, SAMPLE_RATE, info)
+    first = next(it, None)                            # the header has been read; an empty file has raised
+    if not info.get('declared') or info['declared'] <= long_s:
+        buf = _MonoBuffer(int((info.get('declared') or 0) * SAMPLE_RATE) + SAMPLE_RATE)
+        for m in itertools.chain([first], it): buf.add(m)
+        return buf.array()
+    return StreamedAudio(path, len(first) + sum(len(m) for m in it))   # every check has run on every chunk
 
 # %% ../nbs/08_data.ipynb #b1fe1e20
 def write_manifest(rows: Sequence[dict], path: str | os.PathLike):
@@ -245,7 +282,7 @@ def _load_rows(rows, name, source, check_duration=True) -> tuple[list[Utterance]
     "Decode the audio of manifest rows, collecting failures instead of raising."
     utts, skipped = [], []
     for r in rows:
-        try: a = load_audio(r['file'])
+        try: a = read_audio(r['file'])
         except AudioError as e: skipped.append((r['id'], str(e))); continue
         d = r.get('duration')
         if check_duration and d is not None and abs(len(a) / SAMPLE_RATE - float(d)) > 0.05 + 0.01 * float(d):
@@ -501,7 +538,7 @@ def _decode_corpus_rows(rows, source: str, hf=None) -> tuple[list[Utterance], li
                 if talk[0] != r['file']: talk = (r['file'], load_audio(r['file']))
                 a = talk[1][int(round(r['start'] * SAMPLE_RATE)): int(round(r['end'] * SAMPLE_RATE))]
                 if len(a) == 0: raise AudioError(f"segment {r['start']}-{r['end']} s lies beyond the end of {r['file']}")
-            else: a = load_audio(r['file'])
+            else: a = read_audio(r['file'])
         except (AudioError, OSError) as e: skipped.append((r['id'], str(e))); continue
         utts.append(Utterance(r['id'], a, r['text'], source))
     return utts, skipped

@@ -77,7 +77,7 @@ def pack_utterances(utts: Sequence, window_s: float | None = 30.0, pack: bool = 
     limit = math.inf if window_s is None else int(round(window_s * sr))
     gap = int(round(gap_s * sr))
     ok = [(i, u) for i, u in enumerate(utts) if 0 < len(u.audio) <= limit]
-    bad = [str(u.id) for u in utts if not np.isfinite(u.audio).all()]
+    bad = [str(u.id) for _, u in ok if not np.isfinite(u.audio).all()]          # the skipped ones are never read
     if bad:
         raise ValueError(f"calibration utterance(s) {', '.join(bad[:5])} hold non-finite samples (NaN or inf); "
                          "fix or drop them from the calibration set")

@@ -16,7 +16,7 @@ from .families import causal_mask, ModelFamily, NativeLengthAdapter, attn_roles,
 # %% auto #0
 __all__ = ['MoonshineAdapter']
 
-# %% ../nbs/11_moonshine.ipynb #becc159e
+# %% ../nbs/11_moonshine.ipynb #ec6548ac
 class MoonshineAdapter(NativeLengthAdapter):
     "Adapter for `MoonshineForConditionalGeneration`."
     family = 'moonshine'
@@ -37,26 +37,26 @@ class MoonshineAdapter(NativeLengthAdapter):
     def prefix(self, stack): return f"model.{stack}.layers"
     def layers(self, model, stack): return getattr(model.model, stack).layers
 
-# %% ../nbs/11_moonshine.ipynb #ed818e03
+# %% ../nbs/11_moonshine.ipynb #4bfb0573
 @patch
 def _inputs(self: MoonshineAdapter, audios):
     fe = self.proc.feature_extractor
     return fe(list(audios), sampling_rate=self.sample_rate, return_tensors='pt', padding=True, return_attention_mask=True)
 
-# %% ../nbs/11_moonshine.ipynb #3571b6a5
+# %% ../nbs/11_moonshine.ipynb #f78e2cdb
 @patch
 def prompt(self: MoonshineAdapter, w):
     w.features = self._inputs([w.audio]).input_values[0].to(torch.float32)
     return [int(self.model.config.decoder_start_token_id)]
 
-# %% ../nbs/11_moonshine.ipynb #c3a32765
+# %% ../nbs/11_moonshine.ipynb #769093e1
 @patch
 @torch.no_grad()
 def greedy_text_ids(self: MoonshineAdapter, model, w, prompt, max_new=224):
     out = model.generate(w.features[None].to(model.dtype), max_new_tokens=max_new, do_sample=False, num_beams=1)
     return self._strip_end(out[0].tolist()[len(prompt):])
 
-# %% ../nbs/11_moonshine.ipynb #d07db073
+# %% ../nbs/11_moonshine.ipynb #96059aa4
 @patch
 def stack_input(self: MoonshineAdapter, model, stack, windows, ctxs):
     if stack == 'encoder':
@@ -74,7 +74,7 @@ def stack_input(self: MoonshineAdapter, model, stack, windows, ctxs):
     return h, {'attention_mask': mask, 'encoder_hidden_states': torch.stack([c['encoder_hidden_states'] for c in ctxs]),
                'position_ids': pos, 'position_embeddings': dec.rotary_emb(h, position_ids=pos)}
 
-# %% ../nbs/11_moonshine.ipynb #b7c1e8c6
+# %% ../nbs/11_moonshine.ipynb #d0c33a8c
 @patch
 def run_block(self: MoonshineAdapter, block, hidden, kw):
     if 'encoder_hidden_states' in kw:
@@ -82,7 +82,7 @@ def run_block(self: MoonshineAdapter, block, hidden, kw):
                      position_embeddings=kw['position_embeddings'], use_cache=False)
     return block(hidden, None, position_ids=kw['position_ids'], position_embeddings=kw['position_embeddings'])
 
-# %% ../nbs/11_moonshine.ipynb #ccbf3640
+# %% ../nbs/11_moonshine.ipynb #de8f5ca6
 @patch
 def stack_output(self: MoonshineAdapter, model, stack, hidden, kw):
     if stack == 'encoder':
@@ -90,7 +90,7 @@ def stack_output(self: MoonshineAdapter, model, stack, hidden, kw):
         return [{'encoder_hidden_states': e[i]} for i in range(e.shape[0])]
     return NativeLengthAdapter.stack_output(self, model, stack, hidden, kw)
 
-# %% ../nbs/11_moonshine.ipynb #fabc7a97
+# %% ../nbs/11_moonshine.ipynb #bf180a7c
 @patch
 @torch.no_grad()
 def transcribe_batch(self: MoonshineAdapter, model, audios, budgets, max_new_tokens=None, **generate_kwargs):

@@ -17,7 +17,7 @@ from .families import causal_mask, ModelFamily, NativeLengthAdapter, attn_roles,
 # %% auto #0
 __all__ = ['Qwen3ASRAdapter']
 
-# %% ../nbs/12_qwen3_asr.ipynb #55b84fde
+# %% ../nbs/12_qwen3_asr.ipynb #f93484fb
 class Qwen3ASRAdapter(NativeLengthAdapter):
     "Adapter for `Qwen3ASRForConditionalGeneration`: audio encoder + projector + Qwen3 LLM decoder."
     family = 'qwen3_asr'
@@ -37,7 +37,7 @@ class Qwen3ASRAdapter(NativeLengthAdapter):
     def prefix(self, stack): return f"model.{self._where[stack]}.layers"
     def layers(self, model, stack): return getattr(model.model, self._where[stack]).layers
 
-# %% ../nbs/12_qwen3_asr.ipynb #a1219d9c
+# %% ../nbs/12_qwen3_asr.ipynb #875cd300
 @patch
 def _inputs(self: Qwen3ASRAdapter, audios):
     if not hasattr(self.proc, 'apply_transcription_request'):
@@ -45,7 +45,7 @@ def _inputs(self: Qwen3ASRAdapter, audios):
                          "load the checkpoint's own processor (AutoProcessor.from_pretrained(dir))")
     return self.proc.apply_transcription_request(audio=[np.asarray(a, np.float32) for a in audios], language=self.language)
 
-# %% ../nbs/12_qwen3_asr.ipynb #4fa7e65c
+# %% ../nbs/12_qwen3_asr.ipynb #cb5ad4d5
 @patch
 def prompt(self: Qwen3ASRAdapter, w):
     inp = self._inputs([w.audio])
@@ -53,7 +53,7 @@ def prompt(self: Qwen3ASRAdapter, w):
     w.extra['features_mask'] = inp['input_features_mask'][0]
     return inp['input_ids'][0].tolist()
 
-# %% ../nbs/12_qwen3_asr.ipynb #3b90c6d6
+# %% ../nbs/12_qwen3_asr.ipynb #773387f9
 @patch
 @torch.no_grad()
 def greedy_text_ids(self: Qwen3ASRAdapter, model, w, prompt, max_new=224):
@@ -62,13 +62,13 @@ def greedy_text_ids(self: Qwen3ASRAdapter, model, w, prompt, max_new=224):
                          input_features_mask=w.extra['features_mask'][None], max_new_tokens=max_new, do_sample=False, num_beams=1)
     return self._strip_end(out[0, len(prompt):].tolist())
 
-# %% ../nbs/12_qwen3_asr.ipynb #c9fca930
+# %% ../nbs/12_qwen3_asr.ipynb #9fe33f5d
 @patch
 def token_rows(self: Qwen3ASRAdapter, stack, x, b, kw):
     # the audio encoder runs on one flat sequence [tokens, features] per window (batches hold one window)
     return x.reshape(-1, x.shape[-1]) if stack == 'encoder' else NativeLengthAdapter.token_rows(self, stack, x, b, kw)
 
-# %% ../nbs/12_qwen3_asr.ipynb #be8f8e0e
+# %% ../nbs/12_qwen3_asr.ipynb #ed6a0957
 @patch
 def stack_input(self: Qwen3ASRAdapter, model, stack, windows, ctxs):
     base = model.model
@@ -103,14 +103,14 @@ def stack_input(self: Qwen3ASRAdapter, model, stack, windows, ctxs):
     mask = causal_mask(lm.config, h, pos)
     return h, {'attention_mask': mask, 'position_ids': pos, 'position_embeddings': lm.rotary_emb(h, pos)}
 
-# %% ../nbs/12_qwen3_asr.ipynb #09092ae8
+# %% ../nbs/12_qwen3_asr.ipynb #80fc35b6
 @patch
 def run_block(self: Qwen3ASRAdapter, block, hidden, kw):
     if 'cu_seqlens' in kw: return block(hidden, kw['cu_seqlens'], max_seqlen=kw['max_seqlen'])[0]
     return block(hidden, attention_mask=kw['attention_mask'], position_ids=kw['position_ids'],
                  position_embeddings=kw['position_embeddings'], use_cache=False)
 
-# %% ../nbs/12_qwen3_asr.ipynb #ba70b799
+# %% ../nbs/12_qwen3_asr.ipynb #a4e1c896
 @patch
 def stack_output(self: Qwen3ASRAdapter, model, stack, hidden, kw):
     if stack == 'encoder':
@@ -118,7 +118,7 @@ def stack_output(self: Qwen3ASRAdapter, model, stack, hidden, kw):
         return [{'audio_embeds': a}]
     return NativeLengthAdapter.stack_output(self, model, stack, hidden, kw)
 
-# %% ../nbs/12_qwen3_asr.ipynb #fa1e4954
+# %% ../nbs/12_qwen3_asr.ipynb #8358b9fb
 @patch
 @torch.no_grad()
 def transcribe_batch(self: Qwen3ASRAdapter, model, audios, budgets, max_new_tokens=None, **generate_kwargs):

@@ -8,6 +8,7 @@ Docs: https://fade-asr.github.io/fade_asr/scoring.html.md"""
 from __future__ import annotations
 
 import json
+import itertools
 import math
 import os
 import time
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import jiwer
 import numpy as np
@@ -25,16 +26,16 @@ from tqdm.auto import tqdm
 
 from .util import quiet
 from .gptq import torch_threads
-from .data import load_dataset
+from .data import StreamedAudio, load_dataset
 from .families import find_family, generate_batch
 from .models import get_adapter
 
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'WINDOW_SECONDS', 'DEFAULT_BATCH_SIZE', 'MAX_TOKENS_PER_S', 'MIN_TOKEN_BUDGET', 'english_spelling_map',
            'english_normalizer', 'normalize', 'basic_normalizer', 'is_english', 'normalizer_for', 'EmptyReferenceError',
-           'WerStats', 'wer_report', 'split_long_audio', 'token_budget', 'transcribe', 'EvalResult', 'evaluate_with',
-           'evaluate', 'results_table', 'results_json', 'load_results_json', 'BootstrapResult', 'paired_bootstrap',
-           'worst_utterances', 'wer_excluding_worst']
+           'WerStats', 'wer_report', 'stream_pieces', 'split_long_audio', 'token_budget', 'transcribe', 'EvalResult',
+           'evaluate_with', 'evaluate', 'results_table', 'results_json', 'load_results_json', 'BootstrapResult',
+           'paired_bootstrap', 'worst_utterances', 'wer_excluding_worst']
 
 # %% ../nbs/14_scoring.ipynb #94e3d328
 def _asset_path(*parts: str) -> Path:
@@ -164,28 +165,37 @@ def wer_report(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | No
                     n_utts=n, utt_errors=s + d + ins, utt_ref_words=nw,
                     ids=list(ids) if ids is not None else None)
 
-# %% ../nbs/14_scoring.ipynb #91568202
+# %% ../nbs/14_scoring.ipynb #191f07f0
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30.0
 
+def stream_pieces(chunks: Iterable[np.ndarray], max_s: float = WINDOW_SECONDS, search_s: float = 5.0,
+                  sr: int = SAMPLE_RATE, frame_s: float = 0.05) -> Iterator[np.ndarray]:
+    """Cut audio arriving in `chunks` into pieces of at most `max_s` seconds, each cut at the quietest frame of the last
+    `search_s` s before the limit; holds at most one piece plus one chunk at a time."""
+    max_n, frame = int(round(max_s * sr)), max(1, int(round(frame_s * sr)))
+    search = min(int(round(search_s * sr)), max_n - frame)
+    pending, n, any_out = [], 0, False
+    for c in chunks:
+        pending.append(np.asarray(c)); n += len(c)
+        if n <= max_n: continue
+        buf = pending[0] if len(pending) == 1 else np.concatenate(pending)
+        while len(buf) > max_n:
+            seg = buf[max_n - search: max_n].astype(np.float64)          # the search window
+            nf = len(seg) // frame
+            energy = (seg[: nf * frame].reshape(nf, frame) ** 2).mean(1)
+            k = nf - 1 - int(np.argmin(energy[::-1]))                     # quietest frame; ties: the latest (long pieces)
+            cut = max_n - search + k * frame + frame // 2
+            yield buf[:cut]; any_out = True; buf = buf[cut:]
+        pending, n = [buf], len(buf)
+    if n or not any_out:
+        yield pending[0] if len(pending) == 1 else (np.concatenate(pending) if pending else np.zeros(0, np.float32))
+
+# %% ../nbs/14_scoring.ipynb #823c3040
 def split_long_audio(audio: np.ndarray, max_s: float = WINDOW_SECONDS, search_s: float = 5.0,
                      sr: int = SAMPLE_RATE, frame_s: float = 0.05) -> list[np.ndarray]:
     "Cut `audio` into pieces of at most `max_s` seconds, each cut at the quietest frame of the last `search_s` s."
-    audio = np.asarray(audio)
-    max_n, frame = int(round(max_s * sr)), max(1, int(round(frame_s * sr)))
-    search = min(int(round(search_s * sr)), max_n - frame)
-    pieces, start = [], 0
-    while len(audio) - start > max_n:
-        lo = start + max_n - search                      # search window [lo, start + max_n)
-        seg = audio[lo: start + max_n].astype(np.float64)
-        nf = len(seg) // frame
-        energy = (seg[: nf * frame].reshape(nf, frame) ** 2).mean(1)
-        # quietest frame; ties -> the latest one (keeps pieces long)
-        k = nf - 1 - int(np.argmin(energy[::-1]))
-        cut = lo + k * frame + frame // 2
-        pieces.append(audio[start:cut]); start = cut
-    pieces.append(audio[start:])
-    return pieces
+    return list(stream_pieces([np.asarray(audio)], max_s, search_s, sr, frame_s))
 
 # %% ../nbs/14_scoring.ipynb #cdcc249d
 def _default_threads() -> int | None:
@@ -243,13 +253,15 @@ def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int =
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if long_form not in ("window", "error"):
         raise ValueError(f"long_form must be 'window' or 'error', got {long_form!r}.")
-    audios = [_check_audio(i, a) for i, a in enumerate(audios)]
+    streams = {i for i, a in enumerate(audios) if isinstance(a, StreamedAudio)}   # decoded window by window, below
+    audios = [a if i in streams else _check_audio(i, a) for i, a in enumerate(audios)]
     max_n = int(WINDOW_SECONDS * SAMPLE_RATE)
     pieces, owner = [], []                        # flat list of <= 30-s pieces and the input each came from
     for i, a in enumerate(audios):
         if len(a) > max_n and long_form == "error":
             raise ValueError(f"audio {i} lasts {len(a) / SAMPLE_RATE:.1f} s > {WINDOW_SECONDS:.0f} s; "
                              "use long_form='window' or trim it.")
+        if i in streams: continue
         for p in (split_long_audio(a) if len(a) > max_n else [a]):
             pieces.append(p); owner.append(i)
     order = sorted(range(len(pieces)), key=lambda j: -len(pieces[j]))   # longest first
@@ -262,18 +274,23 @@ def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int =
     texts = [None] * len(pieces)
     nthreads = num_threads if num_threads is not None else _default_threads()
     with torch_threads(nthreads), torch.inference_mode(), _quiet_transformers(), \
-         tqdm(total=len(pieces), desc="transcribe", disable=quiet(progress), unit="seg") as bar:
-        for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
-            budgets = [token_budget(len(pieces[j]), max_tokens_per_s) for j in idx]
+         tqdm(total=len(pieces) + sum(-(-len(audios[i]) // max_n) for i in streams), desc="transcribe",
+              disable=quiet(progress), unit="seg") as bar:
+        def decode(batch):                            # one batch of pieces; budgets[max] bounds the batch
+            budgets = [token_budget(len(p), max_tokens_per_s) for p in batch]
             g = dict(gen)
-            if budgets[0] is not None:   # longest piece first, so budgets[0] is the batch's largest
-                g["max_new_tokens"] = min(budgets[0] + 4, g.get("max_new_tokens", 10**9))   # + prompt/end tokens
-            batch = run(model, audios=[pieces[j] for j in idx], budgets=budgets, **g)
-            for j, t in zip(idx, batch): texts[j] = t
-            bar.update(len(idx))
-    res = [[] for _ in audios]
-    for j, i in enumerate(owner): res[i].append(texts[j])
+            if budgets[0] is not None:
+                g["max_new_tokens"] = min(max(budgets) + 4, g.get("max_new_tokens", 10**9))   # + prompt/end tokens
+            out = run(model, audios=batch, budgets=budgets, **g)
+            bar.update(len(batch)); return out
+        for b in range(0, len(order), batch_size):  # longest first: a batch pads little
+            idx = order[b: b + batch_size]
+            for j, t in zip(idx, decode([pieces[j] for j in idx])): texts[j] = t
+        res = [[] for _ in audios]
+        for j, i in enumerate(owner): res[i].append(texts[j])
+        for i in sorted(streams):                   # a long recording: its pieces in order, a batch at a time
+            ps = stream_pieces(audios[i].chunks())
+            while batch := list(itertools.islice(ps, batch_size)): res[i] += decode(batch)
     return [" ".join(t for t in r if t) for r in res]
 
 # %% ../nbs/14_scoring.ipynb #f6d79610

@@ -220,8 +220,8 @@ def test_manifest_spec(tmp_path, librispeech):
 def test_calibration_from_a_corpus_decodes_only_the_draw(librispeech, monkeypatch):
     import fade_asr.data as D
     calls = []
-    real = D.load_audio
-    monkeypatch.setattr(D, 'load_audio', lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
+    real = D.audio_chunks                       # every reader decodes through it
+    monkeypatch.setattr(D, 'audio_chunks', lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
     sub = calibration_subset(f"librispeech:{librispeech}", 2, seed=3)
     assert len(sub) == 2 and len(calls) == 2 and sub.seed == 3
     with pytest.raises(ValueError, match='n=5 but'):

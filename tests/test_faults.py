@@ -295,3 +295,18 @@ def test_a_safetensors_failure_anywhere_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(C, 'cmd_recipes', boom)
     with pytest.raises(SystemExit, match='fade-asr recipes: error: a safetensors file could not be read or written.*disk full'):
         C.main(['recipes'])
+
+
+def test_a_long_recording_is_streamed_and_still_checked_at_load(tmp_path, monkeypatch):
+    "A manifest's recording longer than LONG_AUDIO_S is never held whole, and a damaged one is still refused when read."
+    import fade_asr.data as D
+    from fade_asr.data import load_manifest
+    monkeypatch.setattr(D, 'LONG_AUDIO_S', 1.0)
+    save_audio(tmp_path / 'long.wav', 0.1 * np.sin(np.arange(3 * 16000) / 5.0))
+    (tmp_path / 'm.jsonl').write_text(json.dumps({'file': str(tmp_path / 'long.wav'), 'text': 'a tone', 'duration': 3.0}) + '\n')
+    ds = load_manifest(tmp_path / 'm.jsonl')
+    assert type(ds[0].audio).__name__ == 'StreamedAudio' and ds[0].duration == 3.0
+    assert np.array_equal(np.asarray(ds[0].audio), load_audio(tmp_path / 'long.wav'))
+    b = (tmp_path / 'long.wav').read_bytes(); (tmp_path / 'cut.wav').write_bytes(b[:len(b) // 2])
+    with pytest.raises(AudioError, match='cut.wav is truncated'):
+        D.read_audio(tmp_path / 'cut.wav')

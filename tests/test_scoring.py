@@ -203,6 +203,20 @@ def test_split_long_audio_partitions(durs):
         assert len(ps) == 1 if len(a) <= 30 * SR else len(ps) >= int(np.ceil(len(a) / (30 * SR)))
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.5, 100.0), st.integers(1, 200), st.integers(0, 2**31 - 1))
+def test_streamed_pieces_cut_where_the_whole_array_is_cut(dur, n_chunks, seed):
+    "However the audio arrives in chunks (a file decoded frame by frame), the pieces are those of the whole array."
+    from fade_asr.scoring import stream_pieces
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(int(dur * SR)).astype(np.float32)
+    bounds = np.sort(rng.integers(0, len(a), n_chunks - 1))
+    got = list(stream_pieces(np.split(a, bounds)))
+    want = split_long_audio(a)
+    assert [len(p) for p in got] == [len(p) for p in want]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
 def test_transcribe_tiny_random_whisper_batched_equals_single(processor):
     "A real (random, tiny) Whisper through the real generate path: batching must not change greedy output."
     from transformers import WhisperConfig, WhisperForConditionalGeneration
