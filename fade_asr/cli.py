@@ -369,6 +369,16 @@ def cmd_readme(a):
         from fade_asr.util import atomic_write_text
         atomic_write_text(cur, txt); print(f'wrote {cur}')
 
+# %% ../nbs/23_cli.ipynb #6736dbcd
+def _count(least: int):
+    "An argparse type: an integer of at least `least`, else a message that names the value (argparse names the option)."
+    def count(s: str) -> int:
+        try: v = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < least: raise argparse.ArgumentTypeError(f"must be {'a positive' if least else 'a non-negative'} integer, not {v}")
+        return v
+    return count
+
 # %% ../nbs/23_cli.ipynb #d3370a2e
 def build_parser() -> argparse.ArgumentParser:
     "The `fade-asr` argument parser."
@@ -382,11 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument('--recipe', default=recipe, help=f'recipe name from settings.ini (default: {recipe})')
         s.add_argument('--recipes', default=None, help='recipes INI file (default: the package settings.ini)')
         s.add_argument('--data', nargs='*', default=None, help='shipped data sets to test on (default: all)')
-        s.add_argument('--limit', type=int, default=None, help='at most this many test utterances per data set')
-        s.add_argument('--seed', type=int, default=None, help='calibration seed (default: the recipe\'s)')
-        s.add_argument('--n-calib', type=int, default=None, help='calibration utterances (default: the recipe\'s)')
+        s.add_argument('--limit', type=_count(1), default=None, help='at most this many test utterances per data set')
+        s.add_argument('--seed', type=_count(0), default=None, help='calibration seed (default: the recipe\'s)')
+        s.add_argument('--n-calib', type=_count(1), default=None, help='calibration utterances (default: the recipe\'s)')
         s.add_argument('--calib-data', default=None, help="calibration data: a shipped set or a corpus spec such as librispeech:/data/LibriSpeech/train-clean-100 (default: the recipe's)")
-        s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
+        s.add_argument('--batch-size', type=_count(1), default=None, help='utterances per decoding batch (default: 32)')
         lang_args(s)
     s = sub.add_parser('quantize', help='quantize and report WER against FP (the main job)'); common(s, 'fade-w3g128')
     s.add_argument('--full', action='store_true', help=f'score every test utterance (default: a fixed {Fraction(QUICK_FRACTION).limit_denominator(1000)} of each test split, about 60 on the shipped sets, with a paired 95%% interval)')
@@ -400,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser('eval', help='WER of a model on the shipped test sets'); common(s, 'fp')
     s.add_argument('--json', default=None, help='also write the results as JSON here')
     s.add_argument('--backend', choices=('auto', 'torch', 'cupy'), default=None, help='packed checkpoints: matmul backend (default: auto)')
-    s.add_argument('--threads', type=int, default=2, help='whisper.cpp model files (--model X.bin): threads (default 2)')
+    s.add_argument('--threads', type=_count(1), default=2, help='whisper.cpp model files (--model X.bin): threads (default 2)')
     s.set_defaults(fn=cmd_eval)
     s = sub.add_parser('export', help="write a model for a runtime: whisper.cpp's model file (ggml Q4_0 to Q8_0) or compressed-tensors (transformers, vLLM)")
     s.add_argument('--model', default=None, help="a packed g32 checkpoint from `fade-asr quantize` (its codes, exactly) or an FP model (default: bundled tiny.en; whisper.cpp's own quantizer)")
@@ -419,17 +429,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--out', default='bench/speed', help='results.json, results.md and profile.png go here (default: bench/speed/)')
     s.add_argument('--model', default=None, help='model (default: bundled tiny.en)')
     s.add_argument('--bits', type=int, default=3); s.add_argument('--group-size', type=int, default=128)
-    s.add_argument('--seed', type=int, default=0)
-    s.add_argument('--n-calib', type=int, default=None, help="calibration utterances (default: the recipe's)")
-    s.add_argument('--limit', type=int, default=None, help='dev utterances per set (default: all)')
+    s.add_argument('--seed', type=_count(0), default=0)
+    s.add_argument('--n-calib', type=_count(1), default=None, help="calibration utterances (default: the recipe's)")
+    s.add_argument('--limit', type=_count(1), default=None, help='dev utterances per set (default: all)')
     s.add_argument('--overwrite', action='store_true', help='replace an earlier speed report in --out (never a folder of your own)')
     s.set_defaults(fn=cmd_bench_speed)
     s = sub.add_parser('bench', help='benchmark every method over calibration seeds (resumable)')
     s.add_argument('--model', default=None); s.add_argument('--data', nargs='*', default=None)
     s.add_argument('--suite', choices=tuple(BENCH_SUITES), default='weights', help="weights: RTN/GPTQ/QEP/FADE at W3/W4 (bench/); activations: W8A8/W6A6/W4A4 calibrations and StableQuant (bench/act/); ggml: every method against whisper.cpp's own quantization, run in whisper.cpp (bench/ggml/); base: GPTQ with act-order, MSE, g64 and g32, on dev only (bench/base-dev/); cost: quantization time and peak memory as models grow (bench/cost/)")
     s.add_argument('--bits', type=int, nargs='+', default=None, help='weight widths (default: 3 4 for weights, 8 6 4 for activations, 4 5 8 for ggml: Q4_0/Q4_1, Q5_0/Q5_1, Q8_0)')
-    s.add_argument('--seeds', type=int, default=None, help='calibration seeds (default: 5 for weights, 3 for activations)')
-    s.add_argument('--limit', type=int, default=None); s.add_argument('--batch-size', type=int, default=None, help='utterances per decoding batch (default: 32)')
+    s.add_argument('--seeds', type=_count(1), default=None, help='calibration seeds (default: 5 for weights, 3 for activations)')
+    s.add_argument('--limit', type=_count(1), default=None); s.add_argument('--batch-size', type=_count(1), default=None, help='utterances per decoding batch (default: 32)')
     s.add_argument('--split', choices=('test', 'dev'), default='test', help='test: a fixed share of each test split (the results); dev: the whole dev split, to choose between recipes without touching test speech (default --out: the suite folder plus -dev)')
     s.add_argument('--fraction', type=float, default=None, help="share of each test set scored, fixed by id hash (default: bench.BENCH_TEST_FRACTION, 0.5)")
     s.add_argument('--workers', type=int, default=None, help="run the grid on N local Dask worker processes, sharing the cores (needs dask[distributed])")

@@ -6,7 +6,7 @@ Docs: https://fade-asr.github.io/fade_asr/recipes.html.md"""
 
 # %% ../nbs/15_recipes.ipynb #1e2ca557
 from __future__ import annotations
-import configparser, dataclasses, os, sys, typing
+import configparser, dataclasses, math, os, sys, typing
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -93,6 +93,9 @@ class QuantConfig:
             raise ValueError(f"method {self.method!r} is not a method name; use one of fp, rtn, gptq, qep, fade, oracle")
         if isinstance(self.spec, dict): self.spec = QuantSpec(**self.spec)
         if isinstance(self.act, dict): self.act = ActConfig(**self.act)
+        inf = [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
+        if inf: raise ValueError(f"{inf[0]} = {getattr(self, inf[0])} must be a finite number")
+        if not isinstance(self.seed, int) or self.seed < 0: raise ValueError(f"seed={self.seed!r} must be a non-negative integer (it draws the calibration set)")
         for k in ('qep_skip', 'include', 'exclude'):
             v = getattr(self, k)
             setattr(self, k, (v,) if isinstance(v, str) else tuple(v or ()))
@@ -132,6 +135,7 @@ def recipes_path(path=None) -> Path:
     explicit = path or os.environ.get('FADE_ASR_RECIPES')
     if explicit:
         if Path(explicit).is_file(): return Path(explicit)
+        if Path(explicit).is_dir(): raise IsADirectoryError(f"recipes file {explicit} is a folder; pass the INI file itself (e.g. {Path(explicit) / 'settings.ini'})")
         raise FileNotFoundError(f"recipes file {explicit} does not exist; pass an existing INI file or unset FADE_ASR_RECIPES")
     for p in (Path(fade_asr.__file__).resolve().parents[1]/'settings.ini', Path(sys.prefix)/'share'/'fade_asr'/'settings.ini'):
         if p.is_file(): return p

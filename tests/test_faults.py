@@ -310,3 +310,21 @@ def test_a_long_recording_is_streamed_and_still_checked_at_load(tmp_path, monkey
     b = (tmp_path / 'long.wav').read_bytes(); (tmp_path / 'cut.wav').write_bytes(b[:len(b) // 2])
     with pytest.raises(AudioError, match='cut.wav is truncated'):
         D.read_audio(tmp_path / 'cut.wav')
+
+
+@pytest.mark.parametrize('args, msg', [
+    (['quantize', '--seed', '-1'], 'argument --seed: must be a non-negative integer, not -1'),
+    (['eval', '--batch-size', '0'], 'argument --batch-size: must be a positive integer, not 0'),
+    (['eval', '--limit', 'many'], "argument --limit: 'many' is not an integer"),
+    (['quantize', '--recipes', '{tmp}'], 'is a folder; pass the INI file itself'),
+    (['quantize', '--recipes', '{tmp}/r.ini', '--recipe', 'x'], 'percdamp = inf must be a finite number'),
+    (['eval', '--data', 'manifest:{tmp}/m.jsonl'], 'the audio path must be a non-empty string, not 123'),
+])
+def test_bad_arguments_are_one_line_before_any_work(tmp_path, args, msg):
+    "Each is refused at once, in one line that names the value: no model is loaded, nothing runs."
+    (tmp_path / 'r.ini').write_text('[x]\nmethod = gptq\npercdamp = inf\n')
+    (tmp_path / 'm.jsonl').write_text('{"file": 123, "text": "x"}\n')
+    r = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    last = r.stderr.strip().splitlines()[-1]                        # argparse prints its usage above the error
+    assert r.returncode != 0 and msg in last and last.startswith('fade-asr'), r.stderr
+    assert 'Traceback' not in r.stderr, r.stderr
