@@ -619,7 +619,8 @@ def write_ggml_report(out_dir='bench/ggml', limit: int | None = None) -> str:
 def base_methods(bits: int) -> list[BenchMethod]:
     """The base suite's rows: GPTQ at `bits` bits with each base-quantizer setting alone, then in pairs, then all three;
     then QEP official and FADE (two passes; one pass with R against its noise floor, or as a reliability) on the best,
-    to see whether their corrections still pay on a better grid; and the dev oracle on both grids, to see what α
+    to see whether their corrections still pay on a better grid; the same on 16 calibration utterances, to see whether
+    FADE stays safe when its calibration is too small to trust; and the dev oracle on both grids, to see what α
     each layer wants as the error changes (it chooses α on dev, so its dev WER is not a fair score)."""
     ao = (('act_order', True), ('static_groups', True))
     best = ao + (('group_size', 32), ('mse', True))
@@ -636,6 +637,10 @@ def base_methods(bits: int) -> list[BenchMethod]:
             BenchMethod('FADE g32 act-order + MSE', f'fade-w{bits}g128', best),
             BenchMethod('FADE one-pass g32 act-order + MSE', f'fade-w{bits}g128', best + (('fade_norm', 'noise_floor'),)),
             BenchMethod('FADE reliability g32 act-order + MSE', f'fade-w{bits}g128', best + (('fade_norm', 'reliability'),)),
+            *[BenchMethod(f'{m} g32 act-order + MSE, n=16', f'{r}-w{bits}g128', best + (('n_calib', 16),) + o)   # a small calibration set
+              for m, r, o in (('GPTQ', 'gptq', ()), ('QEP official', 'qep-official', ()), ('FADE', 'fade', ()),
+                              ('FADE one-pass', 'fade', (('fade_norm', 'noise_floor'),)),
+                              ('FADE reliability', 'fade', (('fade_norm', 'reliability'),)))],
             BenchMethod('oracle α g128', f'fade-w{bits}g128', (('method', 'oracle'),)),
             BenchMethod('oracle α g32 act-order + MSE', f'fade-w{bits}g128', best + (('method', 'oracle'),))]
 
@@ -643,7 +648,8 @@ _GRIDS = ('GPTQ g128 act-order', 'GPTQ g128 MSE', 'GPTQ g64', 'GPTQ g32', 'GPTQ 
           'GPTQ g32 act-order + MSE')
 BASE_PAIRS = tuple(('GPTQ g128', m) for m in _GRIDS) + tuple(
     (m, f) for f in ('FADE g32 act-order + MSE', 'FADE one-pass g32 act-order + MSE', 'FADE reliability g32 act-order + MSE')
-    for m in ('GPTQ g32 act-order + MSE', 'QEP official g32 act-order + MSE'))
+    for m in ('GPTQ g32 act-order + MSE', 'QEP official g32 act-order + MSE')) + tuple(
+    ('GPTQ g32 act-order + MSE, n=16', f'{f} g32 act-order + MSE, n=16') for f in ('QEP official', 'FADE', 'FADE one-pass', 'FADE reliability'))
 
 # %% ../nbs/22_benchmark.ipynb #4d5309b9
 def plot_base(runs, dataset: str, ax=None):

@@ -369,7 +369,7 @@ def cmd_readme(a):
         from fade_asr.util import atomic_write_text
         atomic_write_text(cur, txt); print(f'wrote {cur}')
 
-# %% ../nbs/23_cli.ipynb #6736dbcd
+# %% ../nbs/23_cli.ipynb #1b3be33a
 def _count(least: int):
     "An argparse type: an integer of at least `least`, else a message that names the value (argparse names the option)."
     def count(s: str) -> int:
