@@ -655,7 +655,7 @@ BASE_PAIRS = tuple(('GPTQ g128', m) for m in _GRIDS) + tuple(
 def plot_base(runs, dataset: str, ax=None):
     "Dev WER (mean ± std over seeds) of each base-quantizer setting, one group of bars per bit width; FP dotted."
     import matplotlib.pyplot as plt
-    ax = ax or plt.subplots(figsize=(8, 3.6))[1]
+    ax = ax or plt.subplots(figsize=(11, 4.4))[1]
     rows = [r for r in summary_rows(runs, methods=base_methods) if r['dataset'] == dataset and r['label'] != 'FP']
     labels, widths = list(dict.fromkeys(r['label'] for r in rows)), sorted({r['bits'] for r in rows})
     w = 0.8 / max(len(widths), 1)
@@ -666,7 +666,7 @@ def plot_base(runs, dataset: str, ax=None):
                capsize=2, label=f'W{bits}')
     fp = [r for r in summary_rows(runs, methods=base_methods) if r['dataset'] == dataset and r['label'] == 'FP']
     if fp: ax.axhline(fp[0]['mean'], color='k', ls=':', lw=1, label='FP')
-    ax.set_xticks(range(len(labels)), [l.replace('GPTQ ', '') for l in labels], rotation=20, fontsize=7)
+    ax.set_xticks(range(len(labels)), [l.replace('GPTQ ', '') for l in labels], rotation=55, ha='right', fontsize=7)
     ax.set(ylabel='dev WER %', title=f'the base quantizer, dev split — {dataset}')
     ax.legend(fontsize=7); ax.grid(alpha=.3, axis='y')
     return ax
@@ -679,7 +679,7 @@ def write_base_report(out_dir='bench/base-dev', limit: int | None = None) -> str
     md = ['## Dev WER (mean ± std over calibration seeds)', summary_table(runs, methods=base_methods, k_worst=3), '',
           '## Paired comparisons (each grid against the plain g128 one; FADE against GPTQ and QEP official on the best grid)', paired_table(runs, pairs=BASE_PAIRS)]
     for ds in dict.fromkeys(d for r in runs for d in r['results']):
-        fig, ax = plt.subplots(figsize=(8, 3.6)); plot_base(runs, ds, ax); fig.tight_layout(); fig.savefig(out/f'base_{ds}.png', dpi=110); plt.close(fig)
+        fig, ax = plt.subplots(figsize=(11, 4.4)); plot_base(runs, ds, ax); fig.tight_layout(); fig.savefig(out/f'base_{ds}.png', dpi=110); plt.close(fig)
     atomic_write_text(out/'results.md', '\n'.join(md) + '\n')
     atomic_write_text(out/'results.json', json.dumps(dict(summary=summary_rows(runs, methods=base_methods)), indent=1) + '\n')
     return '\n'.join(md)
