@@ -169,13 +169,18 @@ def audio_chunks(path: str | os.PathLike, sr: int = SAMPLE_RATE, info: dict | No
                          f"could be decoded; {_FIX}.")
 
 # %% ../nbs/08_data.ipynb #04bb3967
-def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
-    "Decode any audio file PyAV reads to mono float32 at `sr` Hz, whole (`audio_chunks`, gathered)."
-    info, buf = {}, None
-    for m in audio_chunks(path, sr, info):
-        if buf is None: buf = _MonoBuffer(int((info['declared'] or 0) * sr) + sr)
+def _gather(chunks: Iterable[np.ndarray], info: dict, sr: int) -> np.ndarray:
+    "`audio_chunks`' chunks as one array, its buffer sized from the declared length (`info`, filled before the first chunk)."
+    buf = None
+    for m in chunks:
+        if buf is None: buf = _MonoBuffer(int((info.get('declared') or 0) * sr) + sr)
         buf.add(m)
     return buf.array()
+
+def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
+    "Decode any audio file PyAV reads to mono float32 at `sr` Hz, whole (`audio_chunks`, gathered)."
+    info = {}
+    return _gather(audio_chunks(path, sr, info), info, sr)
 
 # %% ../nbs/08_data.ipynb #0da94fbf
 def save_audio(path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE, codec: str | None = None):
@@ -220,10 +225,7 @@ def read_audio(path: str | os.PathLike, long_s: float | None = None) -> np.ndarr
     info = {}
     it = audio_chunks(path, SAMPLE_RATE, info)
     first = next(it, None)                            # the header has been read; an empty file has raised
-    if not info.get('declared') or info['declared'] <= long_s:
-        buf = _MonoBuffer(int((info.get('declared') or 0) * SAMPLE_RATE) + SAMPLE_RATE)
-        for m in itertools.chain([first], it): buf.add(m)
-        return buf.array()
+    if not info.get('declared') or info['declared'] <= long_s: return _gather(itertools.chain([first], it), info, SAMPLE_RATE)
     return StreamedAudio(path, len(first) + sum(len(m) for m in it))   # every check has run on every chunk
 
 # %% ../nbs/08_data.ipynb #b1fe1e20

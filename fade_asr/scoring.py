@@ -276,7 +276,7 @@ def transcribe(model, processor, audios: Sequence[np.ndarray], batch_size: int =
     with torch_threads(nthreads), torch.inference_mode(), _quiet_transformers(), \
          tqdm(total=len(pieces) + sum(-(-len(audios[i]) // max_n) for i in streams), desc="transcribe",
               disable=quiet(progress), unit="seg") as bar:
-        def decode(batch):                            # one batch of pieces; budgets[max] bounds the batch
+        def decode(batch):                            # one batch of pieces, decoded up to its largest budget
             budgets = [token_budget(len(p), max_tokens_per_s) for p in batch]
             g = dict(gen)
             if budgets[0] is not None:
