@@ -58,9 +58,10 @@ class BenchMethod:
     ggml: str | None = None       # run in whisper.cpp as this ggml type (q4_1, q8_0, f16, ...); None: in PyTorch
 
 # %% ../nbs/22_benchmark.ipynb #533afa7a
-def default_methods(bits: int) -> list[BenchMethod]:
-    "The benchmark's methods at `bits` bits, group size 128."
-    g = f'w{bits}g128'
+def default_methods(bits: int, grid: str = '') -> list[BenchMethod]:
+    """The benchmark's methods at `bits` bits, on the default base (`rtn-w3`, `gptq-w3`, ...: g32, act-order, MSE);
+    `grid='g128'` runs them on the plain g128 grid of the first benchmark (`bench/g128`)."""
+    g = f'w{bits}{grid}'
     return [BenchMethod('FP', 'fp', seeded=False),
             BenchMethod('RTN', f'rtn-{g}', seeded=False),
             BenchMethod('GPTQ', f'gptq-{g}'),
@@ -918,23 +919,23 @@ def _packed_vs_dense(lm, qm, rep, dense_res, ev, repeats: int = 3, n_timed: int 
                 identical=sum(x == y for x, y in zip(a, b)), utterances=len(a))
 
 # %% ../nbs/22_benchmark.ipynb #df2bd8bc
-def speed_suite(model=None, bits: int = 3, group_size: int = 128, seed: int = 0, n_calib: int | None = None, limit: int | None = None,
+def speed_suite(model=None, bits: int = 3, group_size: int | None = None, seed: int = 0, n_calib: int | None = None, limit: int | None = None,
                 data=None, batch_size: int | None = None) -> dict:
     """Time and profile quantization and evaluation of `model` (a `LoadedModel` or a `load_model` source; default the
     bundled tiny.en) on the dev split of `data` (default every shipped set); returns the results as a dict. The recipes
-    are the `w{bits}g128` ones, at `group_size`."""
+    are the default `w{bits}` ones (g32, act-order, MSE), at `group_size` if one is given."""
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     data, bs = [data] if isinstance(data, str) else list(data or shipped_datasets()), batch_size or DEFAULT_BATCH_SIZE
     ev = lambda m, ds=None: evaluate(m, lm.processor, ds or data, split='dev', limit=limit, batch_size=bs, progress=False)
-    g = f'w{bits}g128'
+    g = f'w{bits}'
     runs = {'GPTQ': (f'gptq-{g}', {}), 'FADE (two passes)': (f'fade-{g}', {}),
             'FADE (one pass, noise floor)': (f'fade-{g}', {'fade_norm': 'noise_floor'}),
             'FADE (one pass, reliability)': (f'fade-{g}', {'fade_norm': 'reliability'})}
-    ov = dict(seed=seed, group_size=group_size, **({} if n_calib is None else dict(n_calib=n_calib)))
+    ov = dict(seed=seed, **{k: v for k, v in (('group_size', group_size), ('n_calib', n_calib)) if v is not None})
     cfgs = {k: load_recipe(r, **ov, **o) for k, (r, o) in runs.items()}
     c0 = cfgs['GPTQ']
     calib = calibration_subset(c0.calib_data, c0.n_calib, c0.seed)
-    res = dict(model='Whisper tiny.en (bundled)' if model is None else lm.source, bits=bits, group_size=group_size, seed=seed, n_calib=len(calib), threads=torch.get_num_threads(),
+    res = dict(model='Whisper tiny.en (bundled)' if model is None else lm.source, bits=bits, group_size=c0.spec.group_size, seed=seed, n_calib=len(calib), threads=torch.get_num_threads(),
                load=os.getloadavg(), cpu=platform.processor() or platform.machine(), torch=torch.__version__, methods={})
     ev(lm.model, {k: list(load_dataset(k, 'dev', limit=1)) for k in data[:1]})   # warm-up: the first call pays for set-up
     fp_res, fp_s = _timed(lambda: ev(lm.model))

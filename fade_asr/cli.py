@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument('--calib-data', default=None, help="calibration data: a shipped set or a corpus spec such as librispeech:/data/LibriSpeech/train-clean-100 (default: the recipe's)")
         s.add_argument('--batch-size', type=_count(1), default=None, help='utterances per decoding batch (default: 32)')
         lang_args(s)
-    s = sub.add_parser('quantize', help='quantize and report WER against FP (the main job)'); common(s, 'fade-w3g128')
+    s = sub.add_parser('quantize', help='quantize and report WER against FP (the main job)'); common(s, 'fade-w3')
     s.add_argument('--full', action='store_true', help=f'score every test utterance (default: a fixed {Fraction(QUICK_FRACTION).limit_denominator(1000)} of each test split, about 60 on the shipped sets, with a paired 95%% interval)')
     s.add_argument('--out', default=None, help='output dir, new or empty (default: fade-asr-out/RECIPE-seedN)')
     s.add_argument('--overwrite', action='store_true', help='replace an earlier fade-asr output in --out (never a folder with files of your own)')

@@ -28,10 +28,14 @@ def utts():
     return [u for n in ('asterisk', 'harvard') for u in list(load_dataset(n, 'test'))[::12]]
 
 
-# the grids a packed checkpoint can hold: bits, group size, symmetric, act-order, checkpoint format
-# (v1 stores zero - 1, so it cannot hold a zero of 0, which asymmetric grids have here: v1 is tested symmetric)
-GRIDS = {'w4g128': (4, 128, False, False, 'v2'), 'w3g128': (3, 128, False, False, 'v2'), 'w8g128-sym': (8, 128, True, False, 'v2'),
-         'w4g128-act-order': (4, 128, False, True, 'v2'), 'w4g128-sym-v1': (4, 128, True, False, 'v1')}
+# the grids a packed checkpoint can hold: QuantConfig fields, and the checkpoint format
+# (v1 stores zero - 1, so it cannot hold a zero of 0, which asymmetric grids have here: v1 is tested symmetric);
+# 'w3g32-default' is the default recipes' base (gptq-w3, fade-w3): g32, act-order with static groups, the MSE grid
+GRIDS = {'w4g128': (dict(bits=4, group_size=128), 'v2'), 'w3g128': (dict(bits=3, group_size=128), 'v2'),
+         'w8g128-sym': (dict(bits=8, group_size=128, sym=True), 'v2'),
+         'w4g128-act-order': (dict(bits=4, group_size=128, act_order=True), 'v2'),
+         'w4g128-sym-v1': (dict(bits=4, group_size=128, sym=True), 'v1'),
+         'w3g32-default': (dict(bits=3, group_size=32, act_order=True, static_groups=True, mse=True), 'v2')}
 
 
 @pytest.fixture(scope='module')
@@ -40,11 +44,11 @@ def packed(tiny, tmp_path_factory):
     calib, done = calibration_subset('asterisk', 8, 0), {}
     def get(grid):
         if grid not in done:
-            bits, gs, sym, ao, fmt = GRIDS[grid]
-            cfg = QuantConfig.make(bits=bits, group_size=gs, sym=sym, method='gptq', act_order=ao)
+            kw, fmt = GRIDS[grid]
+            cfg = QuantConfig.make(method='gptq', **kw)
             qm, rep = quantize(tiny.model, calib, cfg, processor=tiny.processor, progress=False)
             pm = pack_model(qm, rep.solutions, fmt=fmt)
-            d = save_packed(pm, tmp_path_factory.mktemp(grid) / 'ckpt', tiny.processor, act_order=ao)
+            d = save_packed(pm, tmp_path_factory.mktemp(grid) / 'ckpt', tiny.processor, act_order=cfg.act_order)
             done[grid] = pm, d
         return done[grid]
     return get
@@ -105,7 +109,7 @@ def _ct_load(path, dequantize=True):
         path, quantization_config=CompressedTensorsConfig(dequantize=dequantize), dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize('grid', ['w4g128', 'w3g128', 'w8g128-sym', 'w4g128-sym-v1'])
+@pytest.mark.parametrize('grid', ['w4g128', 'w3g128', 'w8g128-sym', 'w4g128-sym-v1', 'w3g32-default'])
 def test_compressed_tensors_decompresses_every_layer(packed, grid, tmp_path):
     """transformers + compressed-tensors load the export: each weight is ours computed in the stored fp16 (compressed-tensors
     multiplies in the scale's dtype; a fp16 scale times a small integer is exact in fp32, so this is Ŵ rounded once)."""
