@@ -514,7 +514,7 @@ def ggml_methods(bits: int) -> list[BenchMethod]:
         S = s.upper()
         rows.append(BenchMethod(f'whisper.cpp RTN ({S})', 'fp', seeded=False, ggml=s))
         if bits == 4: rows += [BenchMethod(f'RTN ({S})', f'rtn-{s}', seeded=False, ggml=s), BenchMethod(f'GPTQ ({S})', f'gptq-{s}', ggml=s)]
-        rows.append(BenchMethod(f'FADE ({S})', f'fade-{t}', (('sym', True), ('free_zero', False)), ggml=s))
+        rows.append(BenchMethod(f'FADE ({S})', f'fade-{s}', ggml=s))      # fade-q4_0: fade-q4_1 made symmetric
     return rows
 
 # %% ../nbs/22_benchmark.ipynb #47b60e69
