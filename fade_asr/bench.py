@@ -14,9 +14,9 @@ __all__ = ['BENCH_TEST_FRACTION', 'RUN_KEY', 'ACT_PAIRS', 'BASE_PAIRS', 'BENCH_S
            'write_act_report', 'ggml_methods', 'ggml_speed', 'ggml_rows', 'ggml_table', 'plot_ggml',
            'write_ggml_report', 'base_methods', 'plot_base', 'write_base_report', 'bench_kernels', 'decoder_latency',
            'bench_markdown', 'write_bench_kernels', 'long_audio_memory', 'profile_parts', 'quantize_parts',
-           'eval_parts', 'speed_suite', 'speed_markdown', 'plot_speed', 'write_speed_report', 'whisper_shaped',
-           'whisper_shaped_offloaded', 'cost_point', 'whisper_counts', 'memory_model', 'cost_grid', 'run_cost',
-           'load_cost_point', 'large_v3_prediction', 'cost_markdown', 'plot_cost', 'write_cost_report']
+           'eval_parts', 'encoder_roofline', 'speed_suite', 'speed_markdown', 'plot_speed', 'write_speed_report',
+           'whisper_shaped', 'whisper_shaped_offloaded', 'cost_point', 'whisper_counts', 'memory_model', 'cost_grid',
+           'run_cost', 'load_cost_point', 'large_v3_prediction', 'cost_markdown', 'plot_cost', 'write_cost_report']
 
 # %% ../nbs/22_benchmark.ipynb #81854782
 import copy, cProfile, hashlib, inspect, itertools, json, os, platform, pstats, resource, tempfile, threading, time
@@ -901,6 +901,29 @@ def _texts(res: dict) -> list[str]: return [h for r in res.values() for h in r.h
 # %% ../nbs/22_benchmark.ipynb #ea3687d2
 def _wers(res: dict) -> dict: return {k: v.wer for k, v in res.items()}
 
+# %% ../nbs/22_benchmark.ipynb #cf83b29c
+@torch.no_grad()
+def encoder_roofline(model, batch_size: int = 1, repeats: int = 5) -> dict:
+    """The encoder of a Whisper-like `model` on `batch_size` 30-s windows, at the current thread count: its work (GFLOP per
+    window), the median seconds of a forward, and the GFLOP/s of a plain fp32 matmul of its MLP's shape; `fraction` =
+    achieved ÷ plain."""
+    from torch.utils.flop_counter import FlopCounterMode
+    enc, c = model.get_encoder(), model.config
+    x = torch.zeros(batch_size, c.num_mel_bins, 2 * c.max_source_positions)
+    with FlopCounterMode(display=False) as fc: T, d = enc(x[:1]).last_hidden_state.shape[1:]
+    counted = {str(k): v for k, v in fc.get_flop_counts()['Global'].items()}
+    attn = 0 if any('scaled_dot_product' in k for k in counted) else 4 * T * T * d * c.encoder_layers   # not seen in a fused kernel
+    flops = fc.get_total_flops() + attn
+    def median_s(fn):
+        fn(); ts = []
+        for _ in range(repeats): t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+    a, b = torch.randn(batch_size * T, d), torch.randn(d, 4 * d)
+    s_enc, s_mm = median_s(lambda: enc(x)), median_s(lambda: a @ b)
+    achieved, plain = batch_size * flops / s_enc / 1e9, 2 * batch_size * T * d * 4 * d / s_mm / 1e9
+    return dict(gflop=flops / 1e9, attention_gflop=attn / 1e9, positions=T, batch_size=batch_size, seconds=s_enc, gflops=achieved,
+                matmul_gflops=plain, fraction=achieved / plain, threads=torch.get_num_threads())
+
 # %% ../nbs/22_benchmark.ipynb #fac5e932
 def _packed_vs_dense(lm, qm, rep, dense_res, ev, repeats: int = 3, n_timed: int = 20) -> dict:
     """`qm` packed (fp32 scales, saved and reloaded) against its dense fake-quant self: the transcripts of every dev
@@ -940,6 +963,7 @@ def speed_suite(model=None, bits: int = 3, group_size: int | None = None, seed: 
     ev(lm.model, {k: list(load_dataset(k, 'dev', limit=1)) for k in data[:1]})   # warm-up: the first call pays for set-up
     fp_res, fp_s = _timed(lambda: ev(lm.model))
     res['methods']['FP'] = dict(quant_seconds=0.0, eval_seconds=fp_s, dev=_wers(fp_res))
+    res['roofline'] = encoder_roofline(lm.model)
     models = {}
     for k, cfg in tqdm(cfgs.items(), desc='speed suite', disable=quiet()):
         (qm, rep), qs = _timed(lambda: quantize_model(lm.model, calib, cfg, processor=lm.processor, progress=False))
@@ -974,6 +998,12 @@ def speed_markdown(res: dict) -> str:
     out += ['', f"Packed (QuantLinear, reloaded) against dense fake-quant, same FADE weights, {p['timed_utterances']} dev utterances, "
             f"alternated {p['repeats']} times (medians): {p['packed_seconds']:.1f} s against {p['dense_seconds']:.1f} s, ratio "
             f"{p['ratio']:.2f}. Identical transcripts on the whole dev split: {p['identical']} of {p['utterances']}."]
+    if 'roofline' in res:
+        r = res['roofline']
+        out += ['', f"Encoder on one 30-s window ({r['positions']} positions): {r['gflop']:.1f} GFLOP ({r['attention_gflop']:.1f} of it "
+                f"attention) in {r['seconds']:.3f} s, {r['gflops']:.0f} GFLOP/s; a plain fp32 matmul of its MLP's shape reaches "
+                f"{r['matmul_gflops']:.0f} GFLOP/s here, so the encoder runs at {100 * r['fraction']:.0f} % of it "
+                f"(faster code: at most {1 / r['fraction']:.2f}× on the encoder)."]
     for name, prof in (('One FADE quantization', res['profile_quantize']), ('One FP evaluation (dev)', res['profile_eval'])):
         out += ['', f"{name} under cProfile, {prof['total']:.1f} s in all:", '', '| part | seconds | share |', '|---|---:|---:|']
         out += [f"| {k} | {v:.1f} | {100 * v / prof['total']:.0f} % |" for k, v in prof.items() if k != 'total']

@@ -152,13 +152,15 @@ def _agreement(path, qm, processor, utts):
 
 
 def test_whisper_cpp_transcribes_as_the_package(gptq_q4_1, tiny):
-    """whisper.cpp runs the exported file and gives the fake-quantized model's text on >= 95% of the utterances (every 6th
-    of each shipped test split here; `pytest -m slow` runs them all). It re-quantizes activations to 8 bits, so a few differ."""
+    """whisper.cpp runs the exported file and gives the fake-quantized model's text on most utterances. It re-quantizes
+    activations to 8 bits, so a few borderline words flip, and which ones depends on the CPU's kernels. The criterion,
+    >= 95% of every shipped test utterance, is the slow test's (on an AMD EPYC with AVX-512: 455 of 478, 95.2%). This
+    one takes every 6th (80): a sample, which at a true 95% falls below 92% about one time in ten, so it asks 90%."""
     need('pywhispercpp')
     qm, _, path = gptq_q4_1
     utts = _subset('asterisk', 6) + _subset('harvard', 6)
     same, gap = _agreement(path, qm, tiny.processor, utts)
-    assert same >= 0.95 and gap < 0.02, f"{same:.0%} of {len(utts)} transcripts agree; the WERs differ by {gap:.2%}"
+    assert same >= 0.90 and gap < 0.02, f"{same:.0%} of {len(utts)} transcripts agree; the WERs differ by {gap:.2%}"
 
 
 @pytest.mark.slow
