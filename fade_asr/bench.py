@@ -499,15 +499,17 @@ def write_act_report(out_dir='bench/act', limit: int | None = None) -> str:
 
 # %% ../nbs/22_benchmark.ipynb #8d745f6c
 def ggml_methods(bits: int) -> list[BenchMethod]:
-    """The whisper.cpp suite's rows at `bits` bits: the methods on the type of our default grid (4: Q4_1, 5: Q5_1, 8: Q8_0),
-    then whisper.cpp's own and FADE's on the symmetric type (Q4_0, Q5_0). The references come with the 4-bit rows."""
+    """The whisper.cpp suite's rows at `bits` bits: RTN, GPTQ and FADE on the type of our default grid (4: Q4_1, 5: Q5_1,
+    8: Q8_0), QEP official there at 4 bits, then whisper.cpp's own and FADE's on the symmetric type (Q4_0, Q5_0). The
+    references come with the 4-bit rows."""
     types = {4: ('q4_1', 'q4_0'), 5: ('q5_1', 'q5_0'), 8: ('q8_0',)}.get(bits)
     if types is None: raise ValueError(f"the whisper.cpp suite runs 4, 5 and 8 bits (Q4_0/Q4_1, Q5_0/Q5_1, Q8_0), not {bits}")
     t = types[0]
     rows = [BenchMethod('FP (transformers)', 'fp', seeded=False),
             BenchMethod('whisper.cpp f16', 'fp', seeded=False, ggml='f16')] if bits == 4 else []
     rows.append(BenchMethod('whisper.cpp RTN', 'fp', seeded=False, ggml=t))
-    rows += [BenchMethod('GPTQ', f'gptq-{t}', ggml=t), BenchMethod('QEP official', f'qep-{t}', ggml=t)] if bits == 4 else []
+    rows += [BenchMethod('RTN', f'rtn-{t}', seeded=False, ggml=t), BenchMethod('GPTQ', f'gptq-{t}', ggml=t)]
+    if bits == 4: rows.append(BenchMethod('QEP official', f'qep-{t}', ggml=t))
     rows.append(BenchMethod('FADE', f'fade-{t}', ggml=t))
     if bits != 8: rows.append(BenchMethod('FADE (int zero)', f'fade-{t}', (('free_zero', False),), ggml=t))
     for s in types[1:]:                                     # our symmetric grid, which is Q4_0 / Q5_0
